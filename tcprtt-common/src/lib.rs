@@ -1,0 +1,264 @@
+//! Types shared by the eBPF program (`tcprtt-ebpf`) and the loader (`tcprtt`).
+//!
+//! Everything here is `#[repr(C)]`, padding-free and made of fixed-width integers, so
+//! both sides agree on the bytes without any serialisation. The bucket maths lives here
+//! too, so the kernel and the renderer cannot disagree on which value lands where.
+#![no_std]
+
+/// Number of classic log2 slots in a printed histogram (bcc's layout): slot 0 holds 0
+/// and 1, slot k holds 2^k..2^(k+1)-1, and the last slot holds everything larger.
+pub const LOG2_SLOTS: usize = 27;
+
+/// Linear sub-buckets per power of two in the kernel's log-linear histogram.
+pub const SUB_BUCKETS: usize = 8;
+const SUB_BITS: u32 = SUB_BUCKETS.trailing_zeros();
+
+/// Fine buckets kept in the kernel: values 0..8 each get their own bucket, each power of
+/// two from 2^3 up to 2^(LOG2_SLOTS-2) is split into `SUB_BUCKETS` linear parts, and one
+/// overflow bucket holds everything from 2^(LOG2_SLOTS-1) up.
+pub const FINE_BUCKETS: usize = SUB_BUCKETS + (LOG2_SLOTS - 1 - 3) * SUB_BUCKETS + 1;
+
+/// Index of the overflow bucket in [`HistValue::buckets`].
+pub const OVERFLOW_BUCKET: usize = FINE_BUCKETS - 1;
+
+/// The fine bucket a value lands in. Exact below 8, then within 1/8 of a power of two.
+#[inline(always)]
+pub fn fine_bucket(value: u64) -> usize {
+    if value < SUB_BUCKETS as u64 {
+        return value as usize;
+    }
+    let log2 = 63 - value.leading_zeros();
+    if log2 >= (LOG2_SLOTS - 1) as u32 {
+        return OVERFLOW_BUCKET;
+    }
+    let sub = (value >> (log2 - SUB_BITS)) as usize & (SUB_BUCKETS - 1);
+    SUB_BUCKETS + (log2 - SUB_BITS) as usize * SUB_BUCKETS + sub
+}
+
+/// The classic log2 slot that a fine bucket belongs to.
+pub const fn log2_slot_of_bucket(bucket: usize) -> usize {
+    if bucket < 2 {
+        0
+    } else if bucket < SUB_BUCKETS {
+        (usize::BITS - 1 - bucket.leading_zeros()) as usize
+    } else if bucket >= OVERFLOW_BUCKET {
+        LOG2_SLOTS - 1
+    } else {
+        SUB_BITS as usize + (bucket - SUB_BUCKETS) / SUB_BUCKETS
+    }
+}
+
+/// Smallest value that lands in a fine bucket.
+pub const fn bucket_low(bucket: usize) -> u64 {
+    if bucket < SUB_BUCKETS {
+        bucket as u64
+    } else if bucket >= OVERFLOW_BUCKET {
+        1 << (LOG2_SLOTS - 1)
+    } else {
+        let log2 = SUB_BITS as usize + (bucket - SUB_BUCKETS) / SUB_BUCKETS;
+        let sub = ((bucket - SUB_BUCKETS) % SUB_BUCKETS) as u64;
+        (1 << log2) + sub * (1 << (log2 - SUB_BITS as usize))
+    }
+}
+
+/// Largest value that lands in a fine bucket (`u64::MAX` for the overflow bucket).
+pub const fn bucket_high(bucket: usize) -> u64 {
+    if bucket >= OVERFLOW_BUCKET {
+        u64::MAX
+    } else {
+        bucket_low(bucket + 1) - 1
+    }
+}
+
+/// `sock_common.skc_family` values the program understands.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// What the histograms are keyed by ([`ProbeConfig::group_by`]).
+pub mod group {
+    /// One histogram for all traffic (the key is all zero).
+    pub const NONE: u32 = 0;
+    /// One histogram per local address.
+    pub const LADDR: u32 = 1;
+    /// One histogram per remote address.
+    pub const RADDR: u32 = 2;
+}
+
+/// Bits of [`ProbeConfig::filters`]: which filter maps the program must consult.
+pub mod filter {
+    pub const LADDR: u32 = 1 << 0;
+    pub const RADDR: u32 = 1 << 1;
+    pub const LPORT: u32 = 1 << 2;
+    pub const RPORT: u32 = 1 << 3;
+}
+
+/// Indices into the per-CPU `STATS` counters array.
+pub mod stat {
+    /// Segments the hook saw.
+    pub const SEEN: u32 = 0;
+    /// Segments that passed every filter (and so were counted or dropped).
+    pub const MATCHED: u32 = 1;
+    /// Matched segments that found no room in the histogram map (more keys than
+    /// `--max-keys`).
+    pub const DROPPED: u32 = 2;
+    /// Segments of a socket family other than IPv4/IPv6, or whose fields could not be read.
+    pub const UNREADABLE: u32 = 3;
+    pub const COUNT: u32 = 4;
+}
+
+/// Read-only configuration, written into the program's `.rodata` by the loader before the
+/// program is verified. Offsets are byte offsets resolved from the running kernel's BTF.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeConfig {
+    /// `struct tcp_sock.srtt_us` (smoothed RTT in µs, shifted left by 3).
+    pub off_srtt_us: u32,
+    /// `struct sock_common.skc_family` (u16).
+    pub off_family: u32,
+    /// `struct sock_common.skc_rcv_saddr`: IPv4 local address, network order.
+    pub off_v4_laddr: u32,
+    /// `struct sock_common.skc_daddr`: IPv4 remote address, network order.
+    pub off_v4_raddr: u32,
+    /// `struct sock_common.skc_v6_rcv_saddr`: IPv6 local address.
+    pub off_v6_laddr: u32,
+    /// `struct sock_common.skc_v6_daddr`: IPv6 remote address.
+    pub off_v6_raddr: u32,
+    /// `struct sock_common.skc_num`: local port, host order.
+    pub off_lport: u32,
+    /// `struct sock_common.skc_dport`: remote port, network order.
+    pub off_rport: u32,
+    /// Bit set of [`filter`] flags.
+    pub filters: u32,
+    /// 0: any family, 4: IPv4 only (IPv4-mapped IPv6 included), 6: IPv6 only.
+    pub family: u32,
+    /// One of the [`group`] constants.
+    pub group_by: u32,
+    /// 1 to record milliseconds instead of microseconds.
+    pub milliseconds: u32,
+}
+
+impl ProbeConfig {
+    pub const ZERO: Self = Self {
+        off_srtt_us: 0,
+        off_family: 0,
+        off_v4_laddr: 0,
+        off_v4_raddr: 0,
+        off_v6_laddr: 0,
+        off_v6_raddr: 0,
+        off_lport: 0,
+        off_rport: 0,
+        filters: 0,
+        family: 0,
+        group_by: 0,
+        milliseconds: 0,
+    };
+}
+
+/// Key of a histogram. Addresses are 16 bytes; IPv4 (and IPv4-mapped IPv6) addresses are
+/// stored as IPv4-mapped IPv6 (`::ffff:a.b.c.d`) so one LPM trie serves both families.
+/// Fields that the grouping does not use are zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HistKey {
+    /// `AF_INET`, `AF_INET6`, or 0 when not grouping by address.
+    pub family: u16,
+    /// Explicit padding, always zero.
+    pub reserved: u16,
+    /// The address grouped by, network order.
+    pub addr: [u8; 16],
+}
+
+/// One histogram (one CPU's share of it: the map is per-CPU and userspace adds them up).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HistValue {
+    /// Samples per fine bucket (see [`fine_bucket`]).
+    pub buckets: [u64; FINE_BUCKETS],
+    /// Number of samples.
+    pub count: u64,
+    /// Sum of the samples, in the recorded unit.
+    pub sum: u64,
+    /// Smallest sample (meaningless while `count` is 0).
+    pub min: u64,
+    /// Largest sample.
+    pub max: u64,
+}
+
+impl HistValue {
+    pub const ZERO: Self = Self {
+        buckets: [0; FINE_BUCKETS],
+        count: 0,
+        sum: 0,
+        min: 0,
+        max: 0,
+    };
+}
+
+/// Key of the address filter LPM tries: a prefix length over the IPv4-mapped form.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AddrKey {
+    /// Number of leading bits of `addr` that must match.
+    pub prefix_len: u32,
+    /// Address, network order (IPv4 as `::ffff:a.b.c.d`).
+    pub addr: [u8; 16],
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all four are repr(C), padding-free and valid for any bit pattern.
+    unsafe impl aya::Pod for super::ProbeConfig {}
+    unsafe impl aya::Pod for super::HistKey {}
+    unsafe impl aya::Pod for super::HistValue {}
+    unsafe impl aya::Pod for super::AddrKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+
+    #[test]
+    fn fine_buckets_are_contiguous_and_cover_every_value() {
+        assert_eq!(bucket_low(0), 0);
+        for b in 0..OVERFLOW_BUCKET {
+            assert_eq!(bucket_high(b) + 1, bucket_low(b + 1), "bucket {b}");
+            assert_eq!(fine_bucket(bucket_low(b)), b);
+            assert_eq!(fine_bucket(bucket_high(b)), b);
+        }
+        assert_eq!(fine_bucket(u64::MAX), OVERFLOW_BUCKET);
+    }
+
+    #[test]
+    fn log2_slots_follow_bcc_at_every_boundary() {
+        let slot = |v: u64| log2_slot_of_bucket(fine_bucket(v));
+        assert_eq!(slot(0), 0);
+        assert_eq!(slot(1), 0);
+        for k in 1..LOG2_SLOTS - 1 {
+            assert_eq!(slot(1 << k), k, "2^{k}");
+            assert_eq!(slot((1 << (k + 1)) - 1), k, "2^{}-1", k + 1);
+        }
+        assert_eq!(slot(1 << (LOG2_SLOTS - 1)), LOG2_SLOTS - 1);
+        assert_eq!(slot(u64::MAX), LOG2_SLOTS - 1);
+    }
+
+    #[test]
+    fn sub_buckets_are_an_eighth_of_their_power_of_two() {
+        assert_eq!(fine_bucket(8), 8);
+        assert_eq!(fine_bucket(9), 9);
+        assert_eq!(fine_bucket(16), 16);
+        assert_eq!(fine_bucket(17), 16);
+        assert_eq!(fine_bucket(18), 17);
+        assert_eq!(bucket_low(fine_bucket(40_000)), 36_864);
+        assert_eq!(bucket_high(fine_bucket(40_000)), 40_959);
+    }
+
+    #[test]
+    fn shared_types_have_no_padding() {
+        use core::mem::size_of;
+        assert_eq!(size_of::<ProbeConfig>(), 12 * 4);
+        assert_eq!(size_of::<HistKey>(), 2 + 2 + 16);
+        assert_eq!(size_of::<HistValue>(), (FINE_BUCKETS + 4) * 8);
+        assert_eq!(size_of::<AddrKey>(), 4 + 16);
+    }
+}

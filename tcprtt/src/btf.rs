@@ -1,0 +1,456 @@
+//! Struct member offsets from the running kernel's BTF.
+//!
+//! aya's `Btf` does not expose member offsets, and the permissive-licensed parsers are
+//! larger than what tcprtt needs, so this is a small reader for the BTF type section: just
+//! enough to walk structs and unions, including the anonymous ones the kernel nests its
+//! socket fields in.
+
+use std::{collections::HashMap, path::Path};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use tcprtt_common::ProbeConfig;
+
+const MAGIC: u16 = 0xeb9f;
+
+const KIND_INT: u32 = 1;
+const KIND_ARRAY: u32 = 3;
+const KIND_STRUCT: u32 = 4;
+const KIND_UNION: u32 = 5;
+const KIND_ENUM: u32 = 6;
+const KIND_TYPEDEF: u32 = 8;
+const KIND_VOLATILE: u32 = 9;
+const KIND_CONST: u32 = 10;
+const KIND_RESTRICT: u32 = 11;
+const KIND_FUNC_PROTO: u32 = 13;
+const KIND_VAR: u32 = 14;
+const KIND_DATASEC: u32 = 15;
+const KIND_DECL_TAG: u32 = 17;
+const KIND_TYPE_TAG: u32 = 18;
+const KIND_ENUM64: u32 = 19;
+
+#[derive(Debug, Clone)]
+struct Member {
+    name: String,
+    type_id: u32,
+    bit_offset: u32,
+    bitfield_size: u32,
+}
+
+#[derive(Debug, Clone)]
+enum Type {
+    /// A struct or union with its members.
+    Composite { name: String, members: Vec<Member> },
+    /// typedef / const / volatile / restrict / type tag: look through to `target`.
+    Alias { target: u32 },
+    /// Anything tcprtt never needs to look inside.
+    Other,
+}
+
+/// The parsed type section of one BTF blob.
+#[derive(Debug)]
+pub struct KernelBtf {
+    /// Indexed by BTF type id; id 0 is `void`.
+    types: Vec<Type>,
+    structs_by_name: HashMap<String, u32>,
+}
+
+fn u16_at(data: &[u8], at: usize) -> Result<u16> {
+    let bytes = data
+        .get(at..at + 2)
+        .ok_or_else(|| anyhow!("BTF truncated at byte {at}"))?;
+    Ok(u16::from_le_bytes([bytes[0], bytes[1]]))
+}
+
+fn u32_at(data: &[u8], at: usize) -> Result<u32> {
+    let bytes = data
+        .get(at..at + 4)
+        .ok_or_else(|| anyhow!("BTF truncated at byte {at}"))?;
+    Ok(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+}
+
+fn string_at(strings: &[u8], offset: u32) -> Result<String> {
+    let tail = strings
+        .get(offset as usize..)
+        .ok_or_else(|| anyhow!("BTF string offset {offset} out of range"))?;
+    let end = tail.iter().position(|b| *b == 0).unwrap_or(tail.len());
+    Ok(String::from_utf8_lossy(&tail[..end]).into_owned())
+}
+
+impl KernelBtf {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let data =
+            std::fs::read(path).with_context(|| format!("reading BTF from {}", path.display()))?;
+        Self::parse(&data).with_context(|| format!("parsing BTF in {}", path.display()))
+    }
+
+    /// Parses a little-endian BTF blob (the layout of `/sys/kernel/btf/vmlinux`).
+    pub fn parse(data: &[u8]) -> Result<Self> {
+        ensure!(
+            u16_at(data, 0)? == MAGIC,
+            "not a BTF file (bad magic; big-endian BTF is not supported)"
+        );
+        let hdr_len = u32_at(data, 4)? as usize;
+        let type_off = u32_at(data, 8)? as usize;
+        let type_len = u32_at(data, 12)? as usize;
+        let str_off = u32_at(data, 16)? as usize;
+        let str_len = u32_at(data, 20)? as usize;
+        let section = |off: usize, len: usize| {
+            data.get(hdr_len + off..hdr_len + off + len)
+                .ok_or_else(|| anyhow!("BTF section {off}+{len} lies outside the file"))
+        };
+        let type_data = section(type_off, type_len)?;
+        let strings = section(str_off, str_len)?;
+
+        let mut types = vec![Type::Other];
+        let mut structs_by_name = HashMap::new();
+        let mut at = 0;
+        while at < type_data.len() {
+            let name_off = u32_at(type_data, at)?;
+            let info = u32_at(type_data, at + 4)?;
+            let size_or_type = u32_at(type_data, at + 8)?;
+            at += 12;
+            let vlen = (info & 0xffff) as usize;
+            let kind = (info >> 24) & 0x1f;
+            let kind_flag = info >> 31 == 1;
+            let ty = match kind {
+                KIND_STRUCT | KIND_UNION => {
+                    let mut members = Vec::with_capacity(vlen);
+                    for i in 0..vlen {
+                        let m = at + i * 12;
+                        let offset = u32_at(type_data, m + 8)?;
+                        let (bit_offset, bitfield_size) = if kind_flag {
+                            (offset & 0xff_ffff, offset >> 24)
+                        } else {
+                            (offset, 0)
+                        };
+                        members.push(Member {
+                            name: string_at(strings, u32_at(type_data, m)?)?,
+                            type_id: u32_at(type_data, m + 4)?,
+                            bit_offset,
+                            bitfield_size,
+                        });
+                    }
+                    at += vlen * 12;
+                    let name = string_at(strings, name_off)?;
+                    if kind == KIND_STRUCT && !name.is_empty() {
+                        structs_by_name
+                            .entry(name.clone())
+                            .or_insert(types.len() as u32);
+                    }
+                    Type::Composite { name, members }
+                }
+                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
+                    Type::Alias {
+                        target: size_or_type,
+                    }
+                }
+                _ => {
+                    at += match kind {
+                        KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+                        KIND_ARRAY => 12,
+                        KIND_ENUM | KIND_FUNC_PROTO => vlen * 8,
+                        KIND_DATASEC | KIND_ENUM64 => vlen * 12,
+                        _ => 0,
+                    };
+                    Type::Other
+                }
+            };
+            types.push(ty);
+        }
+        ensure!(
+            at == type_data.len(),
+            "BTF type section has a torn last entry"
+        );
+        Ok(Self {
+            types,
+            structs_by_name,
+        })
+    }
+
+    fn resolve(&self, mut id: u32) -> Option<&Type> {
+        // Alias chains are short; the bound only guards against a malformed loop.
+        for _ in 0..32 {
+            match self.types.get(id as usize)? {
+                Type::Alias { target } => id = *target,
+                other => return Some(other),
+            }
+        }
+        None
+    }
+
+    /// Finds `name` among `members`, looking inside anonymous structs and unions; returns
+    /// its bit offset and type.
+    fn find_member(&self, members: &[Member], name: &str) -> Option<(u32, u32, u32)> {
+        for m in members {
+            if m.name == name {
+                return Some((m.bit_offset, m.bitfield_size, m.type_id));
+            }
+            if m.name.is_empty()
+                && let Some(Type::Composite { members: inner, .. }) = self.resolve(m.type_id)
+                && let Some((bits, size, ty)) = self.find_member(inner, name)
+            {
+                return Some((m.bit_offset + bits, size, ty));
+            }
+        }
+        None
+    }
+
+    /// Byte offset of `path` (member names joined by dots, e.g. `__sk_common.skc_family`)
+    /// inside `struct <struct_name>`.
+    pub fn offset_of(&self, struct_name: &str, path: &str) -> Result<u32> {
+        let id = *self
+            .structs_by_name
+            .get(struct_name)
+            .ok_or_else(|| anyhow!("struct {struct_name} not found in the kernel's BTF"))?;
+        let mut ty = id;
+        let mut bits = 0;
+        for part in path.split('.') {
+            let Some(Type::Composite { name, members }) = self.resolve(ty) else {
+                bail!("{struct_name}.{path}: {part} is not inside a struct or union");
+            };
+            let (offset, bitfield_size, member_ty) =
+                self.find_member(members, part).ok_or_else(|| {
+                    anyhow!("struct {struct_name} has no member {path} ({part} missing in {name})")
+                })?;
+            ensure!(
+                bitfield_size == 0 && offset % 8 == 0,
+                "{struct_name}.{path} is a bit field; tcprtt cannot read it"
+            );
+            bits += offset;
+            ty = member_ty;
+        }
+        Ok(bits / 8)
+    }
+
+    /// Every socket field the probe reads, as offsets from the `struct sock *` it is given.
+    /// `tcp_sock` begins with `struct sock`, so both are measured from the same pointer.
+    pub fn probe_offsets(&self) -> Result<ProbeConfig> {
+        let skc = |field: &str| self.offset_of("sock", &format!("__sk_common.{field}"));
+        Ok(ProbeConfig {
+            off_srtt_us: self.offset_of("tcp_sock", "srtt_us")?,
+            off_family: skc("skc_family")?,
+            off_v4_laddr: skc("skc_rcv_saddr")?,
+            off_v4_raddr: skc("skc_daddr")?,
+            off_v6_laddr: skc("skc_v6_rcv_saddr")?,
+            off_v6_raddr: skc("skc_v6_daddr")?,
+            off_lport: skc("skc_num")?,
+            off_rport: skc("skc_dport")?,
+            ..ProbeConfig::ZERO
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds a BTF blob by hand, so offsets can be checked against known answers.
+    #[derive(Default)]
+    struct Builder {
+        types: Vec<u8>,
+        strings: Vec<u8>,
+    }
+
+    impl Builder {
+        fn new() -> Self {
+            Self {
+                types: Vec::new(),
+                strings: vec![0],
+            }
+        }
+        fn name(&mut self, s: &str) -> u32 {
+            if s.is_empty() {
+                return 0;
+            }
+            let off = self.strings.len() as u32;
+            self.strings.extend_from_slice(s.as_bytes());
+            self.strings.push(0);
+            off
+        }
+        fn word(&mut self, w: u32) {
+            self.types.extend_from_slice(&w.to_le_bytes());
+        }
+        fn int(&mut self, name: &str, size: u32) {
+            let n = self.name(name);
+            self.word(n);
+            self.word(KIND_INT << 24);
+            self.word(size);
+            self.word(size * 8);
+        }
+        fn typedef(&mut self, name: &str, target: u32) {
+            let n = self.name(name);
+            self.word(n);
+            self.word(KIND_TYPEDEF << 24);
+            self.word(target);
+        }
+        /// members: (name, type id, bit offset, bitfield size)
+        fn composite(
+            &mut self,
+            kind: u32,
+            name: &str,
+            size: u32,
+            members: &[(&str, u32, u32, u32)],
+        ) {
+            let kind_flag = members.iter().any(|m| m.3 != 0);
+            let n = self.name(name);
+            self.word(n);
+            self.word((u32::from(kind_flag) << 31) | (kind << 24) | members.len() as u32);
+            self.word(size);
+            for &(name, ty, bits, bitfield) in members {
+                let n = self.name(name);
+                self.word(n);
+                self.word(ty);
+                self.word(if kind_flag {
+                    (bitfield << 24) | bits
+                } else {
+                    bits
+                });
+            }
+        }
+        fn build(&self) -> Vec<u8> {
+            let mut out = Vec::new();
+            out.extend_from_slice(&MAGIC.to_le_bytes());
+            out.extend_from_slice(&[1, 0]);
+            for w in [
+                24,
+                0,
+                self.types.len() as u32,
+                self.types.len() as u32,
+                self.strings.len() as u32,
+            ] {
+                out.extend_from_slice(&w.to_le_bytes());
+            }
+            out.extend_from_slice(&self.types);
+            out.extend_from_slice(&self.strings);
+            out
+        }
+    }
+
+    /// A miniature of the kernel's nesting: named and anonymous members, unions, a typedef.
+    fn sample() -> KernelBtf {
+        let mut b = Builder::new();
+        b.int("u16", 2); // 1
+        b.int("u32", 4); // 2
+        b.typedef("__be32", 2); // 3
+        b.composite(
+            KIND_STRUCT,
+            "",
+            8,
+            &[("skc_daddr", 3, 0, 0), ("skc_rcv_saddr", 3, 32, 0)],
+        ); // 4
+        b.composite(
+            KIND_UNION,
+            "",
+            8,
+            &[("skc_addrpair", 2, 0, 0), ("", 4, 0, 0)],
+        ); // 5
+        b.composite(
+            KIND_STRUCT,
+            "sock_common",
+            16,
+            &[("", 5, 0, 0), ("skc_family", 1, 64, 0), ("flag", 2, 80, 3)],
+        ); // 6
+        b.composite(
+            KIND_STRUCT,
+            "sock",
+            32,
+            &[("pad", 2, 0, 0), ("__sk_common", 6, 64, 0)],
+        ); // 7
+        b.composite(
+            KIND_STRUCT,
+            "tcp_sock",
+            64,
+            &[("sk", 7, 0, 0), ("srtt_us", 2, 320, 0)],
+        ); // 8
+        KernelBtf::parse(&b.build()).unwrap()
+    }
+
+    #[test]
+    fn finds_members_through_anonymous_unions_and_named_paths() {
+        let btf = sample();
+        assert_eq!(btf.offset_of("tcp_sock", "srtt_us").unwrap(), 40);
+        assert_eq!(btf.offset_of("sock_common", "skc_daddr").unwrap(), 0);
+        assert_eq!(btf.offset_of("sock_common", "skc_rcv_saddr").unwrap(), 4);
+        assert_eq!(
+            btf.offset_of("sock", "__sk_common.skc_rcv_saddr").unwrap(),
+            12
+        );
+        assert_eq!(btf.offset_of("sock", "__sk_common.skc_family").unwrap(), 16);
+    }
+
+    #[test]
+    fn names_what_is_missing_or_unreadable() {
+        let btf = sample();
+        let err = btf
+            .offset_of("sock", "__sk_common.nope")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no member __sk_common.nope"), "{err}");
+        let err = btf.offset_of("inet_sock", "x").unwrap_err().to_string();
+        assert!(err.contains("struct inet_sock not found"), "{err}");
+        let err = btf
+            .offset_of("sock_common", "flag")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bit field"), "{err}");
+        assert!(KernelBtf::parse(b"\x00\x00garbage-garbage-garbage").is_err());
+    }
+
+    /// The real kernel: every field resolves, and each agrees with bpftool's own reading
+    /// of the same BTF (an independent parser).
+    #[test]
+    fn resolves_every_probe_field_in_the_running_kernel() {
+        let btf = KernelBtf::from_file(Path::new("/sys/kernel/btf/vmlinux")).unwrap();
+        let cfg = btf.probe_offsets().unwrap();
+        let dump = std::process::Command::new("bpftool")
+            .args([
+                "btf",
+                "dump",
+                "file",
+                "/sys/kernel/btf/vmlinux",
+                "format",
+                "raw",
+            ])
+            .output()
+            .expect("bpftool is installed by `cargo xtask setup`");
+        assert!(dump.status.success());
+        let dump = String::from_utf8_lossy(&dump.stdout);
+        let tcp_sock = dump
+            .split("\n[")
+            .find(|t| t.contains(" STRUCT 'tcp_sock' "))
+            .expect("tcp_sock in bpftool's dump");
+        let line = tcp_sock
+            .lines()
+            .find(|l| l.trim_start().starts_with("'srtt_us' "))
+            .expect("srtt_us in tcp_sock");
+        let bits: u32 = line
+            .split("bits_offset=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .expect("bits_offset");
+        assert_eq!(cfg.off_srtt_us, bits / 8);
+        // sock_common is a prefix of struct sock, well inside it; the fields are distinct.
+        let fields = [
+            cfg.off_family,
+            cfg.off_v4_laddr,
+            cfg.off_v4_raddr,
+            cfg.off_v6_laddr,
+            cfg.off_v6_raddr,
+            cfg.off_lport,
+            cfg.off_rport,
+        ];
+        for (i, a) in fields.iter().enumerate() {
+            assert!(*a < 256, "{a}");
+            for b in &fields[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+        assert_eq!(
+            cfg.off_v4_raddr + 4,
+            cfg.off_v4_laddr,
+            "skc_addrpair layout"
+        );
+        assert!(cfg.off_srtt_us > 256);
+    }
+}

@@ -1,0 +1,288 @@
+//! Command-line arguments and the checks clap cannot express.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Parser, ValueEnum};
+use ipnet::IpNet;
+
+const EXAMPLES: &str = "\
+Examples:
+  sudo tcprtt                       # one histogram of all TCP RTTs, until Ctrl-C
+  sudo tcprtt -d 30                 # trace for 30 seconds, then print
+  sudo tcprtt -i 1 -d 10 -T         # a timestamped histogram every second, 10 times
+  sudo tcprtt -m                    # milliseconds instead of microseconds
+  sudo tcprtt -A 1.1.1.1            # only connections to 1.1.1.1
+  sudo tcprtt -A 10.0.0.0/8 -A 2001:db8::/32   # remote address in either prefix
+  sudo tcprtt -p 443                # only connections whose local port is 443
+  sudo tcprtt -b                    # one histogram per local address
+  sudo tcprtt -B -6                 # one histogram per remote IPv6 address
+  sudo tcprtt -e                    # add count, min, max and percentiles";
+
+/// Where to hook `tcp_rcv_established`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Attach {
+    /// fentry if the kernel allows it, else tp_btf.
+    Auto,
+    /// fentry/tcp_rcv_established only.
+    Fentry,
+    /// tp_btf/tcp_probe only.
+    TpBtf,
+}
+
+/// Summarize TCP round-trip times as histograms, measured in the kernel with eBPF.
+#[derive(Debug, Parser)]
+#[command(name = "tcprtt", version, after_help = EXAMPLES)]
+pub struct Cli {
+    /// Only local addresses in this IP or CIDR prefix (repeatable)
+    #[arg(short = 'a', long = "laddr", value_name = "ADDR", value_parser = parse_net)]
+    pub laddr: Vec<IpNet>,
+    /// Only remote addresses in this IP or CIDR prefix (repeatable)
+    #[arg(short = 'A', long = "raddr", value_name = "ADDR", value_parser = parse_net)]
+    pub raddr: Vec<IpNet>,
+    /// Only this local port (repeatable)
+    #[arg(short = 'p', long = "lport", value_name = "PORT", value_parser = parse_port)]
+    pub lport: Vec<u16>,
+    /// Only this remote port (repeatable)
+    #[arg(short = 'P', long = "rport", value_name = "PORT", value_parser = parse_port)]
+    pub rport: Vec<u16>,
+    /// One histogram per local address
+    #[arg(short = 'b', long = "by-laddr", visible_alias = "byladdr")]
+    pub by_laddr: bool,
+    /// One histogram per remote address
+    #[arg(short = 'B', long = "by-raddr", visible_alias = "byraddr")]
+    pub by_raddr: bool,
+    /// IPv4 only (IPv4-mapped IPv6 sockets included)
+    #[arg(short = '4', long = "ipv4")]
+    pub ipv4: bool,
+    /// IPv6 only
+    #[arg(short = '6', long = "ipv6")]
+    pub ipv6: bool,
+    /// Milliseconds instead of microseconds
+    #[arg(short = 'm', long = "milliseconds")]
+    pub milliseconds: bool,
+    /// Print a report every SECS seconds, each counting only its own interval
+    #[arg(short = 'i', long = "interval", value_name = "SECS", value_parser = parse_secs, allow_negative_numbers = true)]
+    pub interval: Option<Duration>,
+    /// Stop after SECS seconds
+    #[arg(short = 'd', long = "duration", value_name = "SECS", value_parser = parse_secs, allow_negative_numbers = true)]
+    pub duration: Option<Duration>,
+    /// Print a HH:MM:SS timestamp before each report
+    #[arg(short = 'T', long = "timestamp")]
+    pub timestamp: bool,
+    /// Add count, min, max and estimated percentiles under each histogram
+    #[arg(short = 'e', long = "extension")]
+    pub extension: bool,
+    /// Hook to attach to
+    #[arg(long, value_enum, default_value_t = Attach::Auto)]
+    pub attach: Attach,
+    /// Kernel BTF to resolve struct offsets from [default: /sys/kernel/btf/vmlinux]
+    #[arg(long, value_name = "FILE")]
+    pub btf: Option<PathBuf>,
+    /// Most distinct addresses kept when grouping; more are counted as dropped
+    #[arg(long, value_name = "N", default_value_t = 10240, value_parser = parse_max_keys)]
+    pub max_keys: u32,
+}
+
+fn parse_net(s: &str) -> Result<IpNet, String> {
+    if let Ok(net) = s.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    s.parse::<std::net::IpAddr>().map(IpNet::from).map_err(|_| {
+        format!(
+            "'{s}' is not an IP address or CIDR prefix (e.g. 10.0.0.1, 10.0.0.0/8, 2001:db8::/32)"
+        )
+    })
+}
+
+fn parse_port(s: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err(format!("'{s}' is not a port: use a number from 1 to 65535")),
+    }
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    match s.parse::<f64>() {
+        Ok(secs) if secs > 0.0 && secs.is_finite() && secs < 1e9 => {
+            Ok(Duration::from_secs_f64(secs))
+        }
+        _ => Err(format!(
+            "'{s}' is not a positive number of seconds (e.g. 1, 0.5, 30)"
+        )),
+    }
+}
+
+fn parse_max_keys(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("'{s}' is not a positive key count (e.g. 10240)")),
+    }
+}
+
+/// What the histograms are keyed by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupBy {
+    None,
+    LocalAddr,
+    RemoteAddr,
+}
+
+/// Which address families to trace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    Any,
+    V4,
+    V6,
+}
+
+/// The validated run configuration.
+#[derive(Debug)]
+pub struct Options {
+    pub laddr: Vec<IpNet>,
+    pub raddr: Vec<IpNet>,
+    pub lport: Vec<u16>,
+    pub rport: Vec<u16>,
+    pub group_by: GroupBy,
+    pub family: Family,
+    pub milliseconds: bool,
+    pub interval: Option<Duration>,
+    pub duration: Option<Duration>,
+    pub timestamp: bool,
+    pub extension: bool,
+    pub attach: Attach,
+    pub btf: Option<PathBuf>,
+    pub max_keys: u32,
+}
+
+/// Checks combinations of arguments; the error is one line naming the bad value and the fix.
+pub fn validate(cli: Cli) -> Result<Options, String> {
+    if cli.by_laddr && cli.by_raddr {
+        return Err("--by-laddr and --by-raddr cannot be combined: pick one grouping".into());
+    }
+    if cli.ipv4 && cli.ipv6 {
+        return Err("-4 and -6 cannot be combined: leave both out to trace both families".into());
+    }
+    let family = match (cli.ipv4, cli.ipv6) {
+        (true, _) => Family::V4,
+        (_, true) => Family::V6,
+        _ => Family::Any,
+    };
+    for (flag, nets) in [("--laddr", &cli.laddr), ("--raddr", &cli.raddr)] {
+        for net in nets.iter() {
+            match (family, net) {
+                (Family::V4, IpNet::V6(v6)) if v6.addr().to_ipv4_mapped().is_none() => {
+                    return Err(format!(
+                        "{flag} {net} is IPv6 but -4 traces IPv4 only: drop -4 or the filter"
+                    ));
+                }
+                (Family::V6, IpNet::V4(_)) => {
+                    return Err(format!(
+                        "{flag} {net} is IPv4 but -6 traces IPv6 only: drop -6 or the filter"
+                    ));
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(Options {
+        laddr: cli.laddr,
+        raddr: cli.raddr,
+        lport: cli.lport,
+        rport: cli.rport,
+        group_by: match (cli.by_laddr, cli.by_raddr) {
+            (true, _) => GroupBy::LocalAddr,
+            (_, true) => GroupBy::RemoteAddr,
+            _ => GroupBy::None,
+        },
+        family,
+        milliseconds: cli.milliseconds,
+        interval: cli.interval,
+        duration: cli.duration,
+        timestamp: cli.timestamp,
+        extension: cli.extension,
+        attach: cli.attach,
+        btf: cli.btf,
+        max_keys: cli.max_keys,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Options, String> {
+        let cli = Cli::try_parse_from(std::iter::once("tcprtt").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        validate(cli)
+    }
+
+    #[test]
+    fn accepts_the_everyday_invocations() {
+        let o = parse(&[
+            "-A",
+            "1.1.1.1",
+            "-A",
+            "2001:db8::/32",
+            "-p",
+            "443",
+            "-b",
+            "-m",
+            "-e",
+        ])
+        .unwrap();
+        assert_eq!(o.raddr.len(), 2);
+        assert_eq!(o.raddr[1].prefix_len(), 32);
+        assert_eq!(o.lport, vec![443]);
+        assert_eq!(o.group_by, GroupBy::LocalAddr);
+        let o = parse(&[
+            "--byraddr",
+            "-i",
+            "0.5",
+            "-d",
+            "30",
+            "-T",
+            "--attach",
+            "tp-btf",
+        ])
+        .unwrap();
+        assert_eq!(o.group_by, GroupBy::RemoteAddr);
+        assert_eq!(o.interval, Some(Duration::from_millis(500)));
+        assert_eq!(o.attach, Attach::TpBtf);
+        assert_eq!(o.max_keys, 10240);
+        // Host bits in a prefix are cleared, so 10.1.2.3/8 means 10.0.0.0/8.
+        let o = parse(&["-a", "10.1.2.3/8"]).unwrap();
+        assert_eq!(o.laddr[0].to_string(), "10.0.0.0/8");
+    }
+
+    #[test]
+    fn rejects_bad_values_naming_them() {
+        for (args, needle) in [
+            (&["-A", "1.2.3"][..], "'1.2.3' is not an IP address"),
+            (&["-a", "10.0.0.0/33"], "'10.0.0.0/33' is not an IP address"),
+            (&["-p", "0"], "'0' is not a port"),
+            (&["-P", "65536"], "'65536' is not a port"),
+            (&["-i", "0"], "'0' is not a positive number of seconds"),
+            (&["-d", "-3"], "'-3' is not a positive number of seconds"),
+            (&["-d", "soon"], "'soon' is not a positive number"),
+            (&["--max-keys", "0"], "'0' is not a positive key count"),
+            (&["-b", "-B"], "cannot be combined"),
+            (&["-4", "-6"], "cannot be combined"),
+            (
+                &["-4", "-A", "2001:db8::1"],
+                "--raddr 2001:db8::1/128 is IPv6 but -4",
+            ),
+            (
+                &["-6", "-a", "127.0.0.1"],
+                "--laddr 127.0.0.1/32 is IPv4 but -6",
+            ),
+        ] {
+            let err = parse(args).unwrap_err();
+            assert!(err.contains(needle), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn ipv4_mapped_filters_are_ipv4() {
+        assert!(parse(&["-4", "-A", "::ffff:127.0.0.1"]).is_ok());
+    }
+}

@@ -1,0 +1,261 @@
+//! Text reports in the layout bcc and libbpf-tools users know.
+
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use tcprtt_common::{AF_INET, AF_INET6, HistKey};
+
+use crate::{cli::GroupBy, histogram::Histogram};
+
+const BAR_WIDTH: u64 = 40;
+
+/// One report: what was collected over one interval (or the whole run).
+#[derive(Debug)]
+pub struct Report {
+    /// `HH:MM:SS` to print above the report, with `-T`.
+    pub timestamp: Option<String>,
+    pub milliseconds: bool,
+    pub group_by: GroupBy,
+    pub extension: bool,
+    /// Sorted by key.
+    pub histograms: Vec<(HistKey, Histogram)>,
+    /// Matched samples that found no room in the histogram map.
+    pub dropped: u64,
+    pub max_keys: u32,
+}
+
+/// The address a grouped key stands for (IPv4-mapped keys print as IPv4).
+pub fn key_addr(key: &HistKey) -> Option<IpAddr> {
+    match key.family {
+        AF_INET => {
+            let a = &key.addr[12..16];
+            Some(Ipv4Addr::new(a[0], a[1], a[2], a[3]).into())
+        }
+        AF_INET6 => Some(Ipv6Addr::from(key.addr).into()),
+        _ => None,
+    }
+}
+
+/// Orders histograms by the address they stand for, IPv4 before IPv6.
+pub fn sort_by_address(histograms: &mut [(HistKey, Histogram)]) {
+    histograms.sort_by_key(|(key, _)| key_addr(key));
+}
+
+fn unit(milliseconds: bool) -> &'static str {
+    if milliseconds { "ms" } else { "µs" }
+}
+
+fn label(group_by: GroupBy, key: &HistKey) -> String {
+    let addr = || key_addr(key).map_or_else(|| "?".to_string(), |a| a.to_string());
+    match group_by {
+        GroupBy::None => "All Addresses = ******".to_string(),
+        GroupBy::LocalAddr => format!("Local Address = {}", addr()),
+        GroupBy::RemoteAddr => format!("Remote Address = {}", addr()),
+    }
+}
+
+/// The classic log2 table: slot 0 through the last non-empty slot, bars scaled to the
+/// largest count.
+pub fn log2_table(hist: &Histogram, unit: &str) -> String {
+    let slots = hist.log2_slots();
+    let last = slots.iter().rposition(|n| *n > 0).unwrap_or(0);
+    let peak = slots.iter().copied().max().unwrap_or(0).max(1);
+    let mut out = format!("{:8}{:<17}: count    distribution\n", "", unit);
+    for (slot, &n) in slots.iter().enumerate().take(last + 1) {
+        let low: u64 = if slot == 0 { 0 } else { 1 << slot };
+        let high: u64 = (1 << (slot + 1)) - 1;
+        let stars = (n * BAR_WIDTH / peak) as usize;
+        let _ = writeln!(
+            out,
+            "{low:>10} -> {high:<10} : {n:<8} |{:<width$}|",
+            "*".repeat(stars),
+            width = BAR_WIDTH as usize
+        );
+    }
+    out
+}
+
+/// The `-e` line: exact count/min/max, percentiles estimated from the fine buckets.
+pub fn extension_line(hist: &Histogram, unit: &str) -> String {
+    format!(
+        "count {}  min {}  max {}  p50 ~{}  p90 ~{}  p99 ~{} ({unit})\n",
+        hist.count,
+        hist.min,
+        hist.max,
+        hist.percentile(0.50),
+        hist.percentile(0.90),
+        hist.percentile(0.99),
+    )
+}
+
+pub fn render_text(report: &Report) -> String {
+    let unit = unit(report.milliseconds);
+    let mut out = String::new();
+    if let Some(ts) = &report.timestamp {
+        let _ = writeln!(out, "{ts}");
+    }
+    let mut any = false;
+    for (key, hist) in report.histograms.iter().filter(|(_, h)| h.count > 0) {
+        if any {
+            out.push('\n');
+        }
+        any = true;
+        let _ = writeln!(
+            out,
+            "{} [AVG {:.6}]",
+            label(report.group_by, key),
+            hist.average()
+        );
+        out.push_str(&log2_table(hist, unit));
+        if report.extension {
+            out.push_str(&extension_line(hist, unit));
+        }
+    }
+    if !any {
+        out.push_str("No TCP RTT samples matched.\n");
+    }
+    if report.dropped > 0 {
+        let _ = writeln!(
+            out,
+            "WARNING: {} samples dropped: more than {} distinct keys (raise --max-keys)",
+            report.dropped, report.max_keys
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(histograms: Vec<(HistKey, Histogram)>) -> Report {
+        Report {
+            timestamp: None,
+            milliseconds: false,
+            group_by: GroupBy::None,
+            extension: false,
+            histograms,
+            dropped: 0,
+            max_keys: 10240,
+        }
+    }
+
+    fn key_v4(a: [u8; 4]) -> HistKey {
+        let mut addr = [0; 16];
+        addr[10] = 0xff;
+        addr[11] = 0xff;
+        addr[12..].copy_from_slice(&a);
+        HistKey {
+            family: AF_INET,
+            reserved: 0,
+            addr,
+        }
+    }
+
+    /// The layout from the issue: 114 samples in 8..15 and 397 in 16..31.
+    #[test]
+    fn all_addresses_matches_the_classic_layout() {
+        let mut samples = vec![8u64; 114];
+        samples.extend(std::iter::repeat_n(16, 396));
+        samples.push(31);
+        let hist = Histogram::from_samples(samples);
+        let text = render_text(&report(vec![(HistKey::default(), hist)]));
+        let expected = "\
+All Addresses = ****** [AVG 14.244618]
+        µs               : count    distribution
+         0 -> 1          : 0        |                                        |
+         2 -> 3          : 0        |                                        |
+         4 -> 7          : 0        |                                        |
+         8 -> 15         : 114      |***********                             |
+        16 -> 31         : 397      |****************************************|
+";
+        assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn grouped_reports_label_each_address_and_add_the_extension_line() {
+        let mut r = report(vec![
+            (
+                key_v4([127, 0, 0, 2]),
+                Histogram::from_samples([40_000, 40_000, 50_000]),
+            ),
+            (
+                HistKey {
+                    family: AF_INET6,
+                    reserved: 0,
+                    addr: "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets(),
+                },
+                Histogram::from_samples([3]),
+            ),
+        ]);
+        r.group_by = GroupBy::RemoteAddr;
+        r.extension = true;
+        r.milliseconds = true;
+        r.timestamp = Some("12:34:56".into());
+        let text = render_text(&r);
+        let expected = "\
+12:34:56
+Remote Address = 127.0.0.2 [AVG 43333.333333]
+        ms               : count    distribution
+         0 -> 1          : 0        |                                        |
+         2 -> 3          : 0        |                                        |
+         4 -> 7          : 0        |                                        |
+         8 -> 15         : 0        |                                        |
+        16 -> 31         : 0        |                                        |
+        32 -> 63         : 0        |                                        |
+        64 -> 127        : 0        |                                        |
+       128 -> 255        : 0        |                                        |
+       256 -> 511        : 0        |                                        |
+       512 -> 1023       : 0        |                                        |
+      1024 -> 2047       : 0        |                                        |
+      2048 -> 4095       : 0        |                                        |
+      4096 -> 8191       : 0        |                                        |
+      8192 -> 16383      : 0        |                                        |
+     16384 -> 32767      : 0        |                                        |
+     32768 -> 65535      : 3        |****************************************|
+count 3  min 40000  max 50000  p50 ~40959  p90 ~50000  p99 ~50000 (ms)
+
+Remote Address = 2001:db8::1 [AVG 3.000000]
+        ms               : count    distribution
+         0 -> 1          : 0        |                                        |
+         2 -> 3          : 1        |****************************************|
+count 1  min 3  max 3  p50 ~3  p90 ~3  p99 ~3 (ms)
+";
+        assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn empty_report_and_drops_are_stated() {
+        let mut r = report(vec![]);
+        r.dropped = 7;
+        assert_eq!(
+            render_text(&r),
+            "No TCP RTT samples matched.\n\
+             WARNING: 7 samples dropped: more than 10240 distinct keys (raise --max-keys)\n"
+        );
+    }
+
+    #[test]
+    fn addresses_sort_numerically_v4_first() {
+        let mut hs = vec![
+            (key_v4([127, 0, 0, 10]), Histogram::default()),
+            (
+                HistKey {
+                    family: AF_INET6,
+                    reserved: 0,
+                    addr: Ipv6Addr::LOCALHOST.octets(),
+                },
+                Histogram::default(),
+            ),
+            (key_v4([127, 0, 0, 9]), Histogram::default()),
+        ];
+        sort_by_address(&mut hs);
+        let shown: Vec<String> = hs
+            .iter()
+            .map(|(k, _)| key_addr(k).unwrap().to_string())
+            .collect();
+        assert_eq!(shown, ["127.0.0.9", "127.0.0.10", "::1"]);
+    }
+}
