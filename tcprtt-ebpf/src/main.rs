@@ -205,9 +205,11 @@ fn add_sample(key: &HistKey, value: u64) -> Result<(), Skip> {
         Some(slot) => slot,
         None => {
             let zero = ZERO.get_ptr(0).ok_or(Skip::MapFull)?;
-            // SAFETY: `zero` points at a live map value of the right type. EEXIST (another
-            // CPU inserted the key first) is fine: the lookup below finds its entry.
-            let _ = hist.insert(key, unsafe { &*zero }, u64::from(BPF_NOEXIST));
+            // SAFETY: `zero` points at a live map value of the right type. Passing it by
+            // reference keeps the 1.5 KiB value off the 512-byte BPF stack.
+            let zero: &HistValue = unsafe { &*zero };
+            // EEXIST (another CPU inserted the key first) is fine: the lookup finds it.
+            let _ = hist.insert(key, zero, u64::from(BPF_NOEXIST));
             hist.get_ptr_mut(key).ok_or(Skip::MapFull)?
         }
     };

@@ -2,6 +2,7 @@
 //! 127.x addresses so concurrent traffic from other tests or the host cannot match.
 
 use std::{
+    collections::BTreeSet,
     net::{IpAddr, SocketAddr},
     process::{Command, Stdio},
     thread,
@@ -25,20 +26,22 @@ fn labels(stdout: &str) -> Vec<String> {
         .collect()
 }
 
-fn tcprtt_programs_loaded() -> usize {
+/// Ids of the tcprtt programs loaded in the kernel now.
+fn tcprtt_program_ids() -> BTreeSet<u32> {
     let out = Command::new("bpftool")
         .args(["prog", "show"])
         .output()
         .expect("bpftool is installed by `cargo xtask setup`");
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter(|l| l.contains("name tcprtt_"))
-        .count()
+        .filter(|l| l.contains(" name tcprtt_"))
+        .filter_map(|l| l.split(':').next()?.trim().parse().ok())
+        .collect()
 }
 
 #[test]
 fn sigint_prints_one_histogram_of_all_traffic_and_unloads() {
-    let before = tcprtt_programs_loaded();
+    let before = tcprtt_program_ids();
     let srv = server("127.3.0.1");
     let tracer = Tracer::start(&["-A", "127.3.0.1", "-e"]);
     assert!(
@@ -51,7 +54,8 @@ fn sigint_prints_one_histogram_of_all_traffic_and_unloads() {
         "{}",
         tracer.attach_line
     );
-    assert_eq!(tcprtt_programs_loaded(), before + 1, "one program attached");
+    let ours: Vec<u32> = tcprtt_program_ids().difference(&before).copied().collect();
+    assert_eq!(ours.len(), 1, "one program attached");
     ping_pong(sa("127.3.0.2", 0), srv.addr, 300);
     let out = tracer.stop_with(libc::SIGINT);
     assert!(out.status.success(), "{out:?}");
@@ -69,10 +73,13 @@ fn sigint_prints_one_histogram_of_all_traffic_and_unloads() {
     assert!(h.avg > 0.0 && h.rows[0].0 == 0, "{}", out.stdout);
     // The kernel frees a detached program after an RCU grace period, not at once.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while tcprtt_programs_loaded() != before && Instant::now() < deadline {
+    while tcprtt_program_ids().contains(&ours[0]) && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(tcprtt_programs_loaded(), before, "program left behind");
+    assert!(
+        !tcprtt_program_ids().contains(&ours[0]),
+        "program left behind"
+    );
 }
 
 #[test]
