@@ -76,12 +76,18 @@ pub const AF_INET6: u16 = 10;
 
 /// What the histograms are keyed by ([`ProbeConfig::group_by`]).
 pub mod group {
-    /// One histogram for all traffic (the key is all zero).
+    /// One histogram for all traffic, kept in a per-CPU array rather than the hash map.
     pub const NONE: u32 = 0;
     /// One histogram per local address.
     pub const LADDR: u32 = 1;
     /// One histogram per remote address.
     pub const RADDR: u32 = 2;
+    /// One histogram per local port.
+    pub const LPORT: u32 = 3;
+    /// One histogram per remote port.
+    pub const RPORT: u32 = 4;
+    /// One histogram per connection (both addresses and ports).
+    pub const FLOW: u32 = 5;
 }
 
 /// Bits of [`ProbeConfig::filters`]: which filter maps the program must consult.
@@ -160,12 +166,18 @@ impl ProbeConfig {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct HistKey {
-    /// `AF_INET`, `AF_INET6`, or 0 when not grouping by address.
+    /// `AF_INET` or `AF_INET6` when an address is part of the key, else 0.
     pub family: u16,
+    /// Local port, host order.
+    pub lport: u16,
+    /// Remote port, host order.
+    pub rport: u16,
     /// Explicit padding, always zero.
     pub reserved: u16,
-    /// The address grouped by, network order.
-    pub addr: [u8; 16],
+    /// Local address, network order.
+    pub laddr: [u8; 16],
+    /// Remote address, network order.
+    pub raddr: [u8; 16],
 }
 
 /// One histogram (one CPU's share of it: the map is per-CPU and userspace adds them up).
@@ -257,7 +269,7 @@ mod tests {
     fn shared_types_have_no_padding() {
         use core::mem::size_of;
         assert_eq!(size_of::<ProbeConfig>(), 12 * 4);
-        assert_eq!(size_of::<HistKey>(), 2 + 2 + 16);
+        assert_eq!(size_of::<HistKey>(), 4 * 2 + 16 + 16);
         assert_eq!(size_of::<HistValue>(), (FINE_BUCKETS + 4) * 8);
         assert_eq!(size_of::<AddrKey>(), 4 + 16);
     }

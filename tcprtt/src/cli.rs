@@ -16,7 +16,9 @@ Examples:
   sudo tcprtt -p 443                # only connections whose local port is 443
   sudo tcprtt -b                    # one histogram per local address
   sudo tcprtt -B -6                 # one histogram per remote IPv6 address
-  sudo tcprtt -e                    # add count, min, max and percentiles";
+  sudo tcprtt -e                    # add count, min, max and percentiles
+  sudo tcprtt --by-flow --top 10    # the 10 connections with the highest average RTT
+  sudo tcprtt --json -i 10          # one JSON object per line every 10 s, for scripts";
 
 /// Where to hook `tcp_rcv_established`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -51,6 +53,18 @@ pub struct Cli {
     /// One histogram per remote address
     #[arg(short = 'B', long = "by-raddr", visible_alias = "byraddr")]
     pub by_raddr: bool,
+    /// One histogram per local port
+    #[arg(long = "by-lport")]
+    pub by_lport: bool,
+    /// One histogram per remote port
+    #[arg(long = "by-rport")]
+    pub by_rport: bool,
+    /// One histogram per connection (local and remote address and port)
+    #[arg(long = "by-flow")]
+    pub by_flow: bool,
+    /// With a grouping: only the N keys with the highest average, slowest first
+    #[arg(long, value_name = "N", value_parser = parse_top)]
+    pub top: Option<usize>,
     /// IPv4 only (IPv4-mapped IPv6 sockets included)
     #[arg(short = '4', long = "ipv4")]
     pub ipv4: bool,
@@ -72,6 +86,12 @@ pub struct Cli {
     /// Add count, min, max and estimated percentiles under each histogram
     #[arg(short = 'e', long = "extension")]
     pub extension: bool,
+    /// One JSON object per report on stdout (NDJSON) instead of text
+    #[arg(long)]
+    pub json: bool,
+    /// At the end, print event counts and the in-kernel cost per event on stderr
+    #[arg(short = 'v', long)]
+    pub verbose: bool,
     /// Hook to attach to
     #[arg(long, value_enum, default_value_t = Attach::Auto)]
     pub attach: Attach,
@@ -112,6 +132,13 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
     }
 }
 
+fn parse_top(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("'{s}' is not a positive number of keys (e.g. 10)")),
+    }
+}
+
 fn parse_max_keys(s: &str) -> Result<u32, String> {
     match s.parse::<u32>() {
         Ok(n) if n > 0 => Ok(n),
@@ -125,6 +152,23 @@ pub enum GroupBy {
     None,
     LocalAddr,
     RemoteAddr,
+    LocalPort,
+    RemotePort,
+    Flow,
+}
+
+impl GroupBy {
+    /// The name used in JSON output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::LocalAddr => "laddr",
+            Self::RemoteAddr => "raddr",
+            Self::LocalPort => "lport",
+            Self::RemotePort => "rport",
+            Self::Flow => "flow",
+        }
+    }
 }
 
 /// Which address families to trace.
@@ -149,6 +193,9 @@ pub struct Options {
     pub duration: Option<Duration>,
     pub timestamp: bool,
     pub extension: bool,
+    pub top: Option<usize>,
+    pub json: bool,
+    pub verbose: bool,
     pub attach: Attach,
     pub btf: Option<PathBuf>,
     pub max_keys: u32,
@@ -156,8 +203,25 @@ pub struct Options {
 
 /// Checks combinations of arguments; the error is one line naming the bad value and the fix.
 pub fn validate(cli: Cli) -> Result<Options, String> {
-    if cli.by_laddr && cli.by_raddr {
-        return Err("--by-laddr and --by-raddr cannot be combined: pick one grouping".into());
+    let groupings: Vec<(&str, GroupBy)> = [
+        (cli.by_laddr, "--by-laddr", GroupBy::LocalAddr),
+        (cli.by_raddr, "--by-raddr", GroupBy::RemoteAddr),
+        (cli.by_lport, "--by-lport", GroupBy::LocalPort),
+        (cli.by_rport, "--by-rport", GroupBy::RemotePort),
+        (cli.by_flow, "--by-flow", GroupBy::Flow),
+    ]
+    .into_iter()
+    .filter(|(set, _, _)| *set)
+    .map(|(_, flag, group)| (flag, group))
+    .collect();
+    if let [(a, _), (b, _), ..] = groupings[..] {
+        return Err(format!("{a} and {b} cannot be combined: pick one grouping"));
+    }
+    let group_by = groupings.first().map_or(GroupBy::None, |(_, g)| *g);
+    if let (Some(n), GroupBy::None) = (cli.top, group_by) {
+        return Err(format!(
+            "--top {n} needs a grouping: add --by-laddr, --by-raddr, --by-lport, --by-rport or --by-flow"
+        ));
     }
     if cli.ipv4 && cli.ipv6 {
         return Err("-4 and -6 cannot be combined: leave both out to trace both families".into());
@@ -189,17 +253,16 @@ pub fn validate(cli: Cli) -> Result<Options, String> {
         raddr: cli.raddr,
         lport: cli.lport,
         rport: cli.rport,
-        group_by: match (cli.by_laddr, cli.by_raddr) {
-            (true, _) => GroupBy::LocalAddr,
-            (_, true) => GroupBy::RemoteAddr,
-            _ => GroupBy::None,
-        },
+        group_by,
         family,
         milliseconds: cli.milliseconds,
         interval: cli.interval,
         duration: cli.duration,
         timestamp: cli.timestamp,
         extension: cli.extension,
+        top: cli.top,
+        json: cli.json,
+        verbose: cli.verbose,
         attach: cli.attach,
         btf: cli.btf,
         max_keys: cli.max_keys,
@@ -265,7 +328,19 @@ mod tests {
             (&["-d", "-3"], "'-3' is not a positive number of seconds"),
             (&["-d", "soon"], "'soon' is not a positive number"),
             (&["--max-keys", "0"], "'0' is not a positive key count"),
-            (&["-b", "-B"], "cannot be combined"),
+            (
+                &["-b", "-B"],
+                "--by-laddr and --by-raddr cannot be combined",
+            ),
+            (
+                &["--by-flow", "--by-lport"],
+                "--by-lport and --by-flow cannot be combined",
+            ),
+            (&["--top", "5"], "--top 5 needs a grouping"),
+            (
+                &["--by-flow", "--top", "0"],
+                "'0' is not a positive number of keys",
+            ),
             (&["-4", "-6"], "cannot be combined"),
             (
                 &["-4", "-A", "2001:db8::1"],

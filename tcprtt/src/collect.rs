@@ -1,12 +1,13 @@
 //! Reading the kernel's histograms, one interval at a time, without losing a sample.
 //!
-//! The program writes into one of two maps (`ACTIVE` says which). To take an interval,
+//! The program writes into one of two sets of maps (`ACTIVE` says which): a per-CPU hash
+//! map for grouped histograms and a per-CPU array for the all-traffic one. To take an interval,
 //! userspace points `ACTIVE` at the other map, waits until every program run that may
 //! have read the old index has finished ([`GracePeriod`]), then reads and empties the old
 //! map, which by then nothing writes. Every sample lands in exactly one interval.
 
 use anyhow::{Context, Result, anyhow};
-use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap};
+use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use tcprtt_common::{HistKey, HistValue, stat};
 
 use crate::{grace::GracePeriod, histogram::Histogram, loader::Probe};
@@ -27,6 +28,7 @@ pub struct Interval {
 
 pub struct Collector {
     hists: [PerCpuHashMap<MapData, HistKey, HistValue>; 2],
+    alls: [PerCpuArray<MapData, HistValue>; 2],
     active: Array<MapData, u32>,
     active_index: u32,
     stats: PerCpuArray<MapData, u64>,
@@ -49,6 +51,7 @@ impl Collector {
     pub fn new(probe: &mut Probe) -> Result<Self> {
         Ok(Self {
             hists: [take(probe, "HIST0")?, take(probe, "HIST1")?],
+            alls: [take(probe, "ALL0")?, take(probe, "ALL1")?],
             active: take(probe, "ACTIVE")?,
             active_index: 0,
             stats: take(probe, "STATS")?,
@@ -73,6 +76,11 @@ impl Collector {
         })
     }
 
+    /// Event counters over the whole run, as of the last [`Self::take_interval`].
+    pub fn totals(&self) -> Counters {
+        self.totals
+    }
+
     /// Everything recorded since the previous call, and the map emptied for the next one.
     pub fn take_interval(&mut self) -> Result<Interval> {
         let old = self.active_index as usize;
@@ -93,6 +101,18 @@ impl Collector {
             let shares = map.get(&key, 0).context("reading a histogram")?;
             histograms.push((key, Histogram::merge(shares.iter())));
             map.remove(&key).context("emptying the histogram map")?;
+        }
+
+        let all = &mut self.alls[old];
+        let shares = all
+            .get(&0, 0)
+            .context("reading the all-traffic histogram")?;
+        let hist = Histogram::merge(shares.iter());
+        if hist.count > 0 {
+            histograms.push((HistKey::default(), hist));
+            let zeros = vec![HistValue::ZERO; shares.len()];
+            all.set(0, PerCpuValues::try_from(zeros)?, 0)
+                .context("emptying the all-traffic histogram")?;
         }
 
         let totals = self.read_totals()?;

@@ -1,7 +1,9 @@
 //! One histogram as userspace sees it: the per-CPU shares added up, plus the statistics
 //! derived from it.
 
-use tcprtt_common::{FINE_BUCKETS, HistValue, LOG2_SLOTS, bucket_high, log2_slot_of_bucket};
+use tcprtt_common::{
+    FINE_BUCKETS, HistValue, LOG2_SLOTS, bucket_high, bucket_low, log2_slot_of_bucket,
+};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Histogram {
@@ -94,6 +96,15 @@ impl Histogram {
             }
         }
         self.max
+    }
+
+    /// Non-empty fine buckets as (low, high, count).
+    pub fn nonempty_buckets(&self) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
+        self.buckets
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(b, n)| (bucket_low(b), bucket_high(b), *n))
     }
 }
 

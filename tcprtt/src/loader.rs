@@ -28,6 +28,24 @@ pub enum AttachPoint {
     TpBtf,
 }
 
+impl AttachPoint {
+    /// The program's name in the eBPF object.
+    pub fn program_name(self) -> &'static str {
+        match self {
+            Self::Fentry => "tcprtt_fentry",
+            Self::TpBtf => "tcprtt_tp_btf",
+        }
+    }
+
+    /// The name used in JSON output.
+    pub fn short_name(self) -> &'static str {
+        match self {
+            Self::Fentry => "fentry",
+            Self::TpBtf => "tp_btf",
+        }
+    }
+}
+
 impl fmt::Display for AttachPoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -97,6 +115,9 @@ pub fn probe_config(opts: &Options, offsets: ProbeConfig) -> ProbeConfig {
             GroupBy::None => group::NONE,
             GroupBy::LocalAddr => group::LADDR,
             GroupBy::RemoteAddr => group::RADDR,
+            GroupBy::LocalPort => group::LPORT,
+            GroupBy::RemotePort => group::RPORT,
+            GroupBy::Flow => group::FLOW,
         },
         milliseconds: u32::from(opts.milliseconds),
         ..offsets
@@ -163,7 +184,7 @@ fn fill_ports(ebpf: &mut Ebpf, name: &str, ports: &[u16]) -> Result<()> {
 
 fn attach_fentry(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), String> {
     let prog: &mut FEntry = ebpf
-        .program_mut("tcprtt_fentry")
+        .program_mut(AttachPoint::Fentry.program_name())
         .ok_or("program tcprtt_fentry missing from the eBPF object")?
         .try_into()
         .map_err(|e: ProgramError| e.to_string())?;
@@ -175,7 +196,7 @@ fn attach_fentry(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), String> {
 
 fn attach_tp_btf(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), String> {
     let prog: &mut BtfTracePoint = ebpf
-        .program_mut("tcprtt_tp_btf")
+        .program_mut(AttachPoint::TpBtf.program_name())
         .ok_or("program tcprtt_tp_btf missing from the eBPF object")?
         .try_into()
         .map_err(|e: ProgramError| e.to_string())?;

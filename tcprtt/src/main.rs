@@ -5,13 +5,14 @@ mod cli;
 mod collect;
 mod grace;
 mod histogram;
+mod json;
 mod loader;
 mod render;
 
 use std::{
     io::{self, Write},
     process::ExitCode,
-    time::Duration,
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context, Result, bail};
@@ -24,7 +25,7 @@ use tokio::{
 use crate::{
     cli::{Cli, Options},
     collect::Collector,
-    render::{Report, render_text, sort_by_address},
+    render::{Report, order, render_text},
 };
 
 /// The eBPF object, built by build.rs; empty when built with `AYA_BUILD_SKIP=1`.
@@ -94,6 +95,13 @@ fn run(opts: Options) -> Result<()> {
 async fn trace(opts: Options) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    // Run-time statistics cost every BPF program a clock read, so only -v turns them on,
+    // and only while tcprtt runs (the kernel keeps them on while this fd is open).
+    let stats = opts
+        .verbose
+        .then(|| aya::sys::enable_stats(aya::sys::Stats::RunTime))
+        .transpose()
+        .context("enabling BPF run-time statistics for -v")?;
     let mut probe = loader::load(&opts, OBJECT)?;
     let mut collector = Collector::new(&mut probe)?;
     match &probe.fallback_reason {
@@ -108,6 +116,11 @@ async fn trace(opts: Options) -> Result<()> {
     }
 
     let start = Instant::now();
+    let mut reporter = Reporter {
+        opts: &opts,
+        attach: probe.attach_point,
+        since: start,
+    };
     let deadline = opts.duration.map(|d| start + d);
     // Without -i the ticker never fires before the deadline or a signal.
     let period = opts
@@ -122,14 +135,17 @@ async fn trace(opts: Options) -> Result<()> {
             _ = sigterm.recv() => break End::Finished,
             _ = sleep_until(deadline.unwrap_or(start)), if deadline.is_some() => break End::Finished,
             _ = ticker.tick(), if opts.interval.is_some() => {
-                if let End::OutputClosed = report(&opts, &mut collector)? {
+                if let End::OutputClosed = reporter.report(&mut collector)? {
                     break End::OutputClosed;
                 }
             }
         }
     };
     if let End::Finished = end {
-        report(&opts, &mut collector)?;
+        reporter.report(&mut collector)?;
+    }
+    if stats.is_some() {
+        eprintln!("{}", self_report(&probe, &collector)?);
     }
     // Dropping the probe detaches the program and frees its maps.
     drop(collector);
@@ -137,41 +153,84 @@ async fn trace(opts: Options) -> Result<()> {
     Ok(())
 }
 
+/// The -v summary: what the program saw and what it cost per event.
+fn self_report(probe: &loader::Probe, collector: &Collector) -> Result<String> {
+    let info = probe
+        .ebpf
+        .program(probe.attach_point.program_name())
+        .context("tcprtt's program vanished from the object")?
+        .info()
+        .context("reading the program's run-time statistics")?;
+    let runs = info.run_count();
+    let ns = info.run_time().as_nanos();
+    let per_event = if runs == 0 {
+        "no runs".to_string()
+    } else {
+        format!("{:.1} ns per event", ns as f64 / runs as f64)
+    };
+    let c = collector.totals();
+    Ok(format!(
+        "tcprtt: attach point {}; events seen {}, matched {}, dropped {}, unreadable {}; \
+         in-kernel cost {per_event} ({ns} ns over {runs} runs)",
+        probe.attach_point, c.seen, c.matched, c.dropped, c.unreadable
+    ))
+}
+
 /// Local wall-clock time as HH:MM:SS.
-fn clock() -> String {
-    let now = libc::time_t::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-    )
-    .unwrap_or_default();
-    // SAFETY: localtime_r writes only into `tm`.
+fn clock(now: SystemTime) -> String {
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let now = libc::time_t::try_from(secs).unwrap_or_default();
+    // SAFETY: an all-zero `tm` is valid, and localtime_r writes only into it.
     let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are to live locals.
     unsafe { libc::localtime_r(&now, &mut tm) };
     format!("{:02}:{:02}:{:02}", tm.tm_hour, tm.tm_min, tm.tm_sec)
 }
 
-fn report(opts: &Options, collector: &mut Collector) -> Result<End> {
-    let interval = collector.take_interval()?;
-    let mut histograms = interval.histograms;
-    sort_by_address(&mut histograms);
-    let report = Report {
-        timestamp: opts.timestamp.then(clock),
-        milliseconds: opts.milliseconds,
-        group_by: opts.group_by,
-        extension: opts.extension,
-        histograms,
-        dropped: interval.counters.dropped,
-        max_keys: opts.max_keys,
-    };
-    let mut text = render_text(&report);
-    if opts.interval.is_some() {
-        text.push('\n');
-    }
-    let mut out = io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Ok(()) => Ok(End::Finished),
-        Err(err) if err.kind() == io::ErrorKind::BrokenPipe => Ok(End::OutputClosed),
-        Err(err) => Err(err).context("writing the report to stdout"),
+struct Reporter<'a> {
+    opts: &'a Options,
+    attach: loader::AttachPoint,
+    /// Start of the interval the next report covers.
+    since: Instant,
+}
+
+impl Reporter<'_> {
+    fn report(&mut self, collector: &mut Collector) -> Result<End> {
+        let interval = collector.take_interval()?;
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let interval_s = (now - self.since).as_secs_f64();
+        self.since = now;
+        let opts = self.opts;
+        let mut histograms = interval.histograms;
+        order(&mut histograms, opts.group_by, opts.top);
+        let report = Report {
+            timestamp: opts.timestamp.then(|| clock(wall)),
+            milliseconds: opts.milliseconds,
+            group_by: opts.group_by,
+            extension: opts.extension,
+            histograms,
+            dropped: interval.counters.dropped,
+            max_keys: opts.max_keys,
+        };
+        let text = if opts.json {
+            let since_epoch = wall.duration_since(UNIX_EPOCH).unwrap_or_default();
+            let meta = json::JsonMeta {
+                time: json::rfc3339_utc(since_epoch.as_secs(), since_epoch.subsec_millis()),
+                interval_s,
+                attach: self.attach.short_name(),
+            };
+            json::render_json(&report, &meta)
+        } else if opts.interval.is_some() {
+            render_text(&report) + "\n"
+        } else {
+            render_text(&report)
+        };
+        let mut out = io::stdout().lock();
+        match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+            Ok(()) => Ok(End::Finished),
+            Err(err) if err.kind() == io::ErrorKind::BrokenPipe => Ok(End::OutputClosed),
+            Err(err) => Err(err).context("writing the report to stdout"),
+        }
     }
 }

@@ -2,7 +2,7 @@
 
 use std::{
     fmt::Write as _,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
 use tcprtt_common::{AF_INET, AF_INET6, HistKey};
@@ -19,28 +19,53 @@ pub struct Report {
     pub milliseconds: bool,
     pub group_by: GroupBy,
     pub extension: bool,
-    /// Sorted by key.
+    /// In the order to print them (see [`order`]).
     pub histograms: Vec<(HistKey, Histogram)>,
     /// Matched samples that found no room in the histogram map.
     pub dropped: u64,
     pub max_keys: u32,
 }
 
-/// The address a grouped key stands for (IPv4-mapped keys print as IPv4).
-pub fn key_addr(key: &HistKey) -> Option<IpAddr> {
-    match key.family {
-        AF_INET => {
-            let a = &key.addr[12..16];
-            Some(Ipv4Addr::new(a[0], a[1], a[2], a[3]).into())
-        }
-        AF_INET6 => Some(Ipv6Addr::from(key.addr).into()),
+/// An address of a key (IPv4-mapped addresses are IPv4).
+pub fn key_ip(family: u16, addr: &[u8; 16]) -> Option<IpAddr> {
+    match family {
+        AF_INET => Some(Ipv4Addr::new(addr[12], addr[13], addr[14], addr[15]).into()),
+        AF_INET6 => Some(Ipv6Addr::from(*addr).into()),
         _ => None,
     }
 }
 
-/// Orders histograms by the address they stand for, IPv4 before IPv6.
-pub fn sort_by_address(histograms: &mut [(HistKey, Histogram)]) {
-    histograms.sort_by_key(|(key, _)| key_addr(key));
+/// What a key stands for, in the order histograms are listed.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Shown {
+    All,
+    Addr(Option<IpAddr>),
+    Port(u16),
+    Flow(Option<SocketAddr>, Option<SocketAddr>),
+}
+
+fn shown(group_by: GroupBy, key: &HistKey) -> Shown {
+    let sock = |addr: &[u8; 16], port| key_ip(key.family, addr).map(|ip| SocketAddr::new(ip, port));
+    match group_by {
+        GroupBy::None => Shown::All,
+        GroupBy::LocalAddr => Shown::Addr(key_ip(key.family, &key.laddr)),
+        GroupBy::RemoteAddr => Shown::Addr(key_ip(key.family, &key.raddr)),
+        GroupBy::LocalPort => Shown::Port(key.lport),
+        GroupBy::RemotePort => Shown::Port(key.rport),
+        GroupBy::Flow => Shown::Flow(sock(&key.laddr, key.lport), sock(&key.raddr, key.rport)),
+    }
+}
+
+/// Orders histograms by what they stand for (addresses numerically, IPv4 first), or with
+/// `top`, keeps the `top` highest averages, highest first.
+pub fn order(histograms: &mut Vec<(HistKey, Histogram)>, group_by: GroupBy, top: Option<usize>) {
+    match top {
+        Some(n) => {
+            histograms.sort_by(|a, b| b.1.average().total_cmp(&a.1.average()));
+            histograms.truncate(n);
+        }
+        None => histograms.sort_by_key(|(key, _)| shown(group_by, key)),
+    }
 }
 
 fn unit(milliseconds: bool) -> &'static str {
@@ -48,12 +73,19 @@ fn unit(milliseconds: bool) -> &'static str {
 }
 
 fn label(group_by: GroupBy, key: &HistKey) -> String {
-    let addr = || key_addr(key).map_or_else(|| "?".to_string(), |a| a.to_string());
-    match group_by {
-        GroupBy::None => "All Addresses = ******".to_string(),
-        GroupBy::LocalAddr => format!("Local Address = {}", addr()),
-        GroupBy::RemoteAddr => format!("Remote Address = {}", addr()),
+    let text = |a: Option<SocketAddr>| a.map_or_else(|| "?".to_string(), |a| a.to_string());
+    match (group_by, shown(group_by, key)) {
+        (_, Shown::All) => "All Addresses = ******".to_string(),
+        (GroupBy::LocalAddr, Shown::Addr(ip)) => format!("Local Address = {}", ip_text(ip)),
+        (_, Shown::Addr(ip)) => format!("Remote Address = {}", ip_text(ip)),
+        (GroupBy::LocalPort, Shown::Port(p)) => format!("Local Port = {p}"),
+        (_, Shown::Port(p)) => format!("Remote Port = {p}"),
+        (_, Shown::Flow(l, r)) => format!("Connection = {} -> {}", text(l), text(r)),
     }
+}
+
+fn ip_text(ip: Option<IpAddr>) -> String {
+    ip.map_or_else(|| "?".to_string(), |ip| ip.to_string())
 }
 
 /// The classic log2 table: slot 0 through the last non-empty slot, bars scaled to the
@@ -142,15 +174,27 @@ mod tests {
         }
     }
 
-    fn key_v4(a: [u8; 4]) -> HistKey {
+    fn mapped(a: [u8; 4]) -> [u8; 16] {
         let mut addr = [0; 16];
         addr[10] = 0xff;
         addr[11] = 0xff;
         addr[12..].copy_from_slice(&a);
+        addr
+    }
+
+    fn key_v4(a: [u8; 4]) -> HistKey {
         HistKey {
             family: AF_INET,
-            reserved: 0,
-            addr,
+            raddr: mapped(a),
+            ..HistKey::default()
+        }
+    }
+
+    fn key_v6(a: &str) -> HistKey {
+        HistKey {
+            family: AF_INET6,
+            raddr: a.parse::<Ipv6Addr>().unwrap().octets(),
+            ..HistKey::default()
         }
     }
 
@@ -181,14 +225,7 @@ All Addresses = ****** [AVG 14.244618]
                 key_v4([127, 0, 0, 2]),
                 Histogram::from_samples([40_000, 40_000, 50_000]),
             ),
-            (
-                HistKey {
-                    family: AF_INET6,
-                    reserved: 0,
-                    addr: "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets(),
-                },
-                Histogram::from_samples([3]),
-            ),
+            (key_v6("2001:db8::1"), Histogram::from_samples([3])),
         ]);
         r.group_by = GroupBy::RemoteAddr;
         r.extension = true;
@@ -238,24 +275,60 @@ count 1  min 3  max 3  p50 ~3  p90 ~3  p99 ~3 (ms)
     }
 
     #[test]
-    fn addresses_sort_numerically_v4_first() {
+    fn addresses_sort_numerically_v4_first_and_top_keeps_the_slowest() {
         let mut hs = vec![
-            (key_v4([127, 0, 0, 10]), Histogram::default()),
-            (
-                HistKey {
-                    family: AF_INET6,
-                    reserved: 0,
-                    addr: Ipv6Addr::LOCALHOST.octets(),
-                },
-                Histogram::default(),
-            ),
-            (key_v4([127, 0, 0, 9]), Histogram::default()),
+            (key_v4([127, 0, 0, 10]), Histogram::from_samples([50])),
+            (key_v6("::1"), Histogram::from_samples([10])),
+            (key_v4([127, 0, 0, 9]), Histogram::from_samples([900])),
         ];
-        sort_by_address(&mut hs);
-        let shown: Vec<String> = hs
-            .iter()
-            .map(|(k, _)| key_addr(k).unwrap().to_string())
-            .collect();
-        assert_eq!(shown, ["127.0.0.9", "127.0.0.10", "::1"]);
+        let shown = |hs: &[(HistKey, Histogram)]| -> Vec<String> {
+            hs.iter()
+                .map(|(k, _)| label(GroupBy::RemoteAddr, k))
+                .collect()
+        };
+        order(&mut hs, GroupBy::RemoteAddr, None);
+        assert_eq!(
+            shown(&hs),
+            [
+                "Remote Address = 127.0.0.9",
+                "Remote Address = 127.0.0.10",
+                "Remote Address = ::1"
+            ]
+        );
+        order(&mut hs, GroupBy::RemoteAddr, Some(2));
+        assert_eq!(
+            shown(&hs),
+            ["Remote Address = 127.0.0.9", "Remote Address = 127.0.0.10"]
+        );
+    }
+
+    #[test]
+    fn port_and_flow_labels() {
+        let key = HistKey {
+            family: AF_INET6,
+            lport: 443,
+            rport: 51000,
+            laddr: "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets(),
+            raddr: "2001:db8::2".parse::<Ipv6Addr>().unwrap().octets(),
+            ..HistKey::default()
+        };
+        assert_eq!(label(GroupBy::LocalPort, &key), "Local Port = 443");
+        assert_eq!(label(GroupBy::RemotePort, &key), "Remote Port = 51000");
+        assert_eq!(
+            label(GroupBy::Flow, &key),
+            "Connection = [2001:db8::1]:443 -> [2001:db8::2]:51000"
+        );
+        let v4 = HistKey {
+            family: AF_INET,
+            lport: 80,
+            rport: 4000,
+            laddr: mapped([127, 0, 0, 1]),
+            raddr: mapped([127, 0, 0, 2]),
+            ..HistKey::default()
+        };
+        assert_eq!(
+            label(GroupBy::Flow, &v4),
+            "Connection = 127.0.0.1:80 -> 127.0.0.2:4000"
+        );
     }
 }
