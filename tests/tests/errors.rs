@@ -51,6 +51,11 @@ fn usage_errors_exit_2_naming_the_value() {
             "'-1' is not a positive number of seconds",
         ),
         (&["--max-keys", "0"], "'0' is not a positive key count"),
+        (
+            &["--by-flow", "--by-rport"],
+            "--by-rport and --by-flow cannot be combined",
+        ),
+        (&["--top", "3"], "--top 3 needs a grouping"),
         (&["--attach", "kprobe"], "invalid value 'kprobe'"),
         (&["--no-such-flag"], "--no-such-flag"),
     ] {
