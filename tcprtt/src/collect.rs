@@ -6,6 +6,11 @@
 //! have read the old index has finished ([`GracePeriod`]), then reads and empties the old
 //! map, which by then nothing writes. Every sample lands in exactly one interval.
 
+use std::{
+    os::fd::{AsFd, AsRawFd},
+    path::PathBuf,
+};
+
 use anyhow::{Context, Result, anyhow};
 use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use tcprtt_common::{HistKey, HistValue, stat};
@@ -19,6 +24,9 @@ pub struct Counters {
     pub matched: u64,
     pub dropped: u64,
     pub unreadable: u64,
+    /// Segments the kernel did not run the program for because it was already running on
+    /// that CPU (a softirq interrupting process-context receive processing).
+    pub missed: u64,
 }
 
 pub struct Interval {
@@ -34,6 +42,16 @@ pub struct Collector {
     stats: PerCpuArray<MapData, u64>,
     totals: Counters,
     grace: GracePeriod,
+    /// `/proc/self/fdinfo/<program fd>`: where the kernel reports the program's misses.
+    fdinfo: PathBuf,
+}
+
+/// A `name:\tvalue` field of a BPF program's fdinfo.
+pub fn fdinfo_field(fdinfo: &str, name: &str) -> Option<u64> {
+    fdinfo
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -49,7 +67,16 @@ fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
 
 impl Collector {
     pub fn new(probe: &mut Probe) -> Result<Self> {
+        let fd = probe
+            .ebpf
+            .program(probe.attach_point.program_name())
+            .context("tcprtt's program vanished from the object")?
+            .fd()
+            .context("getting the program's file descriptor")?
+            .as_fd()
+            .as_raw_fd();
         Ok(Self {
+            fdinfo: PathBuf::from(format!("/proc/self/fdinfo/{fd}")),
             hists: [take(probe, "HIST0")?, take(probe, "HIST1")?],
             alls: [take(probe, "ALL0")?, take(probe, "ALL1")?],
             active: take(probe, "ACTIVE")?,
@@ -73,7 +100,15 @@ impl Collector {
             matched: sum(stat::MATCHED)?,
             dropped: sum(stat::DROPPED)?,
             unreadable: sum(stat::UNREADABLE)?,
+            missed: self.program_stat("recursion_misses")?,
         })
+    }
+
+    /// A counter the kernel keeps for the program (`run_time_ns`, `run_cnt`, ...).
+    pub fn program_stat(&self, name: &str) -> Result<u64> {
+        let info = std::fs::read_to_string(&self.fdinfo)
+            .with_context(|| format!("reading {}", self.fdinfo.display()))?;
+        fdinfo_field(&info, name).with_context(|| format!("no {name} in {}", self.fdinfo.display()))
     }
 
     /// Event counters over the whole run, as of the last [`Self::take_interval`].
@@ -121,11 +156,27 @@ impl Collector {
             matched: totals.matched - self.totals.matched,
             dropped: totals.dropped - self.totals.dropped,
             unreadable: totals.unreadable - self.totals.unreadable,
+            missed: totals.missed - self.totals.missed,
         };
         self.totals = totals;
         Ok(Interval {
             histograms,
             counters,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fdinfo_field;
+
+    #[test]
+    fn reads_program_counters_from_fdinfo() {
+        let info =
+            "pos:\t0\nprog_id:\t794\nrun_time_ns:\t1234\nrun_cnt:\t10\nrecursion_misses:\t3\n";
+        assert_eq!(fdinfo_field(info, "run_time_ns"), Some(1234));
+        assert_eq!(fdinfo_field(info, "recursion_misses"), Some(3));
+        assert_eq!(fdinfo_field(info, "run_cnt"), Some(10));
+        assert_eq!(fdinfo_field(info, "missing"), None);
     }
 }

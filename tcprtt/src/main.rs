@@ -145,7 +145,7 @@ async fn trace(opts: Options) -> Result<()> {
         reporter.report(&mut collector)?;
     }
     if stats.is_some() {
-        eprintln!("{}", self_report(&probe, &collector)?);
+        eprintln!("{}", self_report(probe.attach_point, &collector)?);
     }
     // Dropping the probe detaches the program and frees its maps.
     drop(collector);
@@ -154,15 +154,9 @@ async fn trace(opts: Options) -> Result<()> {
 }
 
 /// The -v summary: what the program saw and what it cost per event.
-fn self_report(probe: &loader::Probe, collector: &Collector) -> Result<String> {
-    let info = probe
-        .ebpf
-        .program(probe.attach_point.program_name())
-        .context("tcprtt's program vanished from the object")?
-        .info()
-        .context("reading the program's run-time statistics")?;
-    let runs = info.run_count();
-    let ns = info.run_time().as_nanos();
+fn self_report(attach: loader::AttachPoint, collector: &Collector) -> Result<String> {
+    let runs = collector.program_stat("run_cnt")?;
+    let ns = collector.program_stat("run_time_ns")?;
     let per_event = if runs == 0 {
         "no runs".to_string()
     } else {
@@ -170,9 +164,9 @@ fn self_report(probe: &loader::Probe, collector: &Collector) -> Result<String> {
     };
     let c = collector.totals();
     Ok(format!(
-        "tcprtt: attach point {}; events seen {}, matched {}, dropped {}, unreadable {}; \
-         in-kernel cost {per_event} ({ns} ns over {runs} runs)",
-        probe.attach_point, c.seen, c.matched, c.dropped, c.unreadable
+        "tcprtt: attach point {attach}; events seen {}, matched {}, dropped {}, unreadable {}, \
+         missed {}; in-kernel cost {per_event} ({ns} ns over {runs} runs)",
+        c.seen, c.matched, c.dropped, c.unreadable, c.missed
     ))
 }
 
@@ -211,6 +205,7 @@ impl Reporter<'_> {
             extension: opts.extension,
             histograms,
             dropped: interval.counters.dropped,
+            missed: interval.counters.missed,
             max_keys: opts.max_keys,
         };
         let text = if opts.json {

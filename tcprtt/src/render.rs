@@ -23,6 +23,8 @@ pub struct Report {
     pub histograms: Vec<(HistKey, Histogram)>,
     /// Matched samples that found no room in the histogram map.
     pub dropped: u64,
+    /// Segments the kernel skipped the program for (it was already running on that CPU).
+    pub missed: u64,
     pub max_keys: u32,
 }
 
@@ -155,6 +157,14 @@ pub fn render_text(report: &Report) -> String {
             report.dropped, report.max_keys
         );
     }
+    if report.missed > 0 {
+        let _ = writeln!(
+            out,
+            "WARNING: {} segments missed: the kernel skipped the program while it was already \
+             running on the same CPU",
+            report.missed
+        );
+    }
     out
 }
 
@@ -170,6 +180,7 @@ mod tests {
             extension: false,
             histograms,
             dropped: 0,
+            missed: 0,
             max_keys: 10240,
         }
     }
@@ -267,10 +278,13 @@ count 1  min 3  max 3  p50 ~3  p90 ~3  p99 ~3 (ms)
     fn empty_report_and_drops_are_stated() {
         let mut r = report(vec![]);
         r.dropped = 7;
+        r.missed = 2;
         assert_eq!(
             render_text(&r),
             "No TCP RTT samples matched.\n\
-             WARNING: 7 samples dropped: more than 10240 distinct keys (raise --max-keys)\n"
+             WARNING: 7 samples dropped: more than 10240 distinct keys (raise --max-keys)\n\
+             WARNING: 2 segments missed: the kernel skipped the program while it was already \
+             running on the same CPU\n"
         );
     }
 

@@ -58,6 +58,7 @@ fn json_reports_parse_and_agree_with_the_text_report() {
         assert!(["fentry", "tp_btf"].contains(&report["attach"].as_str().unwrap()));
         assert_eq!(report["group_by"], "raddr");
         assert_eq!(report["dropped"], 0);
+        assert!(report["missed"].is_u64(), "{line}");
         for h in report["histograms"].as_array().unwrap() {
             assert_eq!(h["key"]["family"], "ipv4");
             let count = h["count"].as_u64().unwrap();
