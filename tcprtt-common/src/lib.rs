@@ -98,18 +98,16 @@ pub mod filter {
     pub const RPORT: u32 = 1 << 3;
 }
 
-/// Indices into the per-CPU `STATS` counters array.
+/// Indices into the per-CPU `STATS` counters array. Only the rare outcomes are counted
+/// here; segments seen come from the kernel's own run count, and matched ones are the
+/// histogram counts plus the dropped ones, so the common path touches no counter.
 pub mod stat {
-    /// Segments the hook saw.
-    pub const SEEN: u32 = 0;
-    /// Segments that passed every filter (and so were counted or dropped).
-    pub const MATCHED: u32 = 1;
     /// Matched segments that found no room in the histogram map (more keys than
     /// `--max-keys`).
-    pub const DROPPED: u32 = 2;
-    /// Segments of a socket family other than IPv4/IPv6, or whose fields could not be read.
-    pub const UNREADABLE: u32 = 3;
-    pub const COUNT: u32 = 4;
+    pub const DROPPED: u32 = 0;
+    /// Segments of a non-TCP socket or of a family other than IPv4/IPv6.
+    pub const UNREADABLE: u32 = 1;
+    pub const COUNT: u32 = 2;
 }
 
 /// Read-only configuration, written into the program's `.rodata` by the loader before the

@@ -47,7 +47,7 @@ static ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
 /// An all-zero histogram to insert new keys with: a `HistValue` is too big for the stack.
 #[map]
 static ZERO: PerCpuArray<HistValue> = PerCpuArray::with_max_entries(1, 0);
-/// Event counters, indexed by `tcprtt_common::stat`; cumulative over the whole run.
+/// Counters of the rare outcomes, indexed by `tcprtt_common::stat`; cumulative.
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 
@@ -151,8 +151,14 @@ fn in_prefixes(trie: &LpmTrie<[u8; 16], u8>, addr: [u8; 16]) -> bool {
 
 #[inline(always)]
 fn try_record(sk: *const u8) -> Result<(), Skip> {
-    bump(stat::SEEN);
     let cfg = CONFIG.load();
+    // srtt_us lies beyond `struct sock`; the helper returns the same pointer typed as
+    // `struct tcp_sock`, so the verifier accepts the load (NULL for a non-TCP socket).
+    // SAFETY: `sk` is the kernel's own socket pointer, as the helper expects.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut c_void) };
+    if tp.is_null() {
+        return Err(Skip::Unreadable);
+    }
 
     let family: u16 = read(sk, cfg.off_family);
     let grouped_by_addr = matches!(cfg.group_by, group::LADDR | group::RADDR | group::FLOW);
@@ -226,15 +232,7 @@ fn try_record(sk: *const u8) -> Result<(), Skip> {
             key.rport = rport;
         }
     }
-    bump(stat::MATCHED);
 
-    // srtt_us lies beyond `struct sock`; the helper returns the same pointer typed as
-    // `struct tcp_sock`, so the verifier accepts the load (NULL for a non-TCP socket).
-    // SAFETY: `sk` is the kernel's own socket pointer, as the helper expects.
-    let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut c_void) };
-    if tp.is_null() {
-        return Err(Skip::Unreadable);
-    }
     let srtt_us_x8: u32 = read(tp.cast(), cfg.off_srtt_us);
     let mut value = u64::from(srtt_us_x8 >> 3);
     if cfg.milliseconds != 0 {

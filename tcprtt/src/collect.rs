@@ -20,9 +20,14 @@ use crate::{grace::GracePeriod, histogram::Histogram, loader::Probe};
 /// Event counters over one interval.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
+    /// Times the hook fired: program runs (counted only while run-time statistics are on,
+    /// i.e. with -v) plus misses.
     pub seen: u64,
+    /// Segments that passed every filter: counted in a histogram or dropped.
     pub matched: u64,
+    /// Matched segments with no room left in the histogram map.
     pub dropped: u64,
+    /// Segments of a non-TCP socket or an unknown family.
     pub unreadable: u64,
     /// Segments the kernel did not run the program for because it was already running on
     /// that CPU (a softirq interrupting process-context receive processing).
@@ -87,6 +92,7 @@ impl Collector {
         })
     }
 
+    /// Cumulative counters, except `matched`, which [`Self::take_interval`] adds up.
     fn read_totals(&self) -> Result<Counters> {
         let sum = |index: u32| -> Result<u64> {
             let per_cpu = self
@@ -95,12 +101,14 @@ impl Collector {
                 .with_context(|| format!("reading event counter {index}"))?;
             Ok(per_cpu.iter().sum())
         };
+        let missed = self.program_stat("recursion_misses")?;
         Ok(Counters {
-            seen: sum(stat::SEEN)?,
-            matched: sum(stat::MATCHED)?,
+            // run_cnt only moves while run-time statistics are on (-v).
+            seen: self.program_stat("run_cnt")? + missed,
+            matched: 0,
             dropped: sum(stat::DROPPED)?,
             unreadable: sum(stat::UNREADABLE)?,
-            missed: self.program_stat("recursion_misses")?,
+            missed,
         })
     }
 
@@ -151,14 +159,18 @@ impl Collector {
         }
 
         let totals = self.read_totals()?;
+        let dropped = totals.dropped - self.totals.dropped;
         let counters = Counters {
             seen: totals.seen - self.totals.seen,
-            matched: totals.matched - self.totals.matched,
-            dropped: totals.dropped - self.totals.dropped,
+            matched: histograms.iter().map(|(_, h)| h.count).sum::<u64>() + dropped,
+            dropped,
             unreadable: totals.unreadable - self.totals.unreadable,
             missed: totals.missed - self.totals.missed,
         };
-        self.totals = totals;
+        self.totals = Counters {
+            matched: self.totals.matched + counters.matched,
+            ..totals
+        };
         Ok(Interval {
             histograms,
             counters,
