@@ -182,27 +182,24 @@ fn fill_ports(ebpf: &mut Ebpf, name: &str, ports: &[u16]) -> Result<()> {
     Ok(())
 }
 
-fn attach_fentry(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), String> {
-    let prog: &mut FEntry = ebpf
-        .program_mut(AttachPoint::Fentry.program_name())
-        .ok_or("program tcprtt_fentry missing from the eBPF object")?
-        .try_into()
-        .map_err(|e: ProgramError| e.to_string())?;
-    prog.load("tcp_rcv_established", btf)
-        .map_err(|e| refusal(&e))?;
-    prog.attach().map_err(|e| refusal(&e))?;
-    Ok(())
-}
-
-fn attach_tp_btf(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), String> {
-    let prog: &mut BtfTracePoint = ebpf
-        .program_mut(AttachPoint::TpBtf.program_name())
-        .ok_or("program tcprtt_tp_btf missing from the eBPF object")?
-        .try_into()
-        .map_err(|e: ProgramError| e.to_string())?;
-    prog.load("tcp_probe", btf).map_err(|e| refusal(&e))?;
-    prog.attach().map_err(|e| refusal(&e))?;
-    Ok(())
+/// Loads and attaches the program for `point`; the error is the kernel's reason.
+fn attach_at(ebpf: &mut Ebpf, point: AttachPoint, btf: &Btf) -> Result<(), String> {
+    let name = point.program_name();
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or_else(|| format!("program {name} missing from the eBPF object"))?;
+    let attached = match point {
+        AttachPoint::Fentry => {
+            let p: &mut FEntry = prog.try_into().map_err(|e: ProgramError| e.to_string())?;
+            p.load("tcp_rcv_established", btf)
+                .and_then(|()| p.attach().map(drop))
+        }
+        AttachPoint::TpBtf => {
+            let p: &mut BtfTracePoint = prog.try_into().map_err(|e: ProgramError| e.to_string())?;
+            p.load("tcp_probe", btf).and_then(|()| p.attach().map(drop))
+        }
+    };
+    attached.map_err(|e| refusal(&e))
 }
 
 /// Loads `object`, fills the filters and attaches at the hook `opts.attach` asks for.
@@ -238,7 +235,7 @@ pub fn load(opts: &Options, object: &[u8]) -> Result<Probe> {
 
     let (attach_point, fallback_reason) = match opts.attach {
         Attach::Fentry => {
-            attach_fentry(&mut ebpf, &btf).map_err(|why| {
+            attach_at(&mut ebpf, AttachPoint::Fentry, &btf).map_err(|why| {
                 anyhow!(
                     "the kernel refused fentry/tcp_rcv_established ({why}): try --attach tp-btf"
                 )
@@ -246,14 +243,14 @@ pub fn load(opts: &Options, object: &[u8]) -> Result<Probe> {
             (AttachPoint::Fentry, None)
         }
         Attach::TpBtf => {
-            attach_tp_btf(&mut ebpf, &btf)
+            attach_at(&mut ebpf, AttachPoint::TpBtf, &btf)
                 .map_err(|why| anyhow!("the kernel refused tp_btf/tcp_probe ({why})"))?;
             (AttachPoint::TpBtf, None)
         }
-        Attach::Auto => match attach_fentry(&mut ebpf, &btf) {
+        Attach::Auto => match attach_at(&mut ebpf, AttachPoint::Fentry, &btf) {
             Ok(()) => (AttachPoint::Fentry, None),
             Err(fentry_why) => {
-                attach_tp_btf(&mut ebpf, &btf).map_err(|why| {
+                attach_at(&mut ebpf, AttachPoint::TpBtf, &btf).map_err(|why| {
                     anyhow!(
                         "the kernel refused both hooks: fentry/tcp_rcv_established ({fentry_why}) \
                          and tp_btf/tcp_probe ({why})"
