@@ -85,6 +85,7 @@ fn run(opts: Options) -> Result<()> {
         );
     }
     loader::check_privileges()?;
+    raise_memlock_limit();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -168,6 +169,18 @@ fn self_report(attach: loader::AttachPoint, collector: &Collector) -> Result<Str
          missed {}; in-kernel cost {per_event} ({ns} ns over {runs} runs)",
         c.seen, c.matched, c.dropped, c.unreadable, c.missed
     ))
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones charge the memory
+/// cgroup and ignore it. Raising it is best effort: where it fails (no CAP_SYS_RESOURCE),
+/// a new kernel does not need it and an old one reports the shortage when loading.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit only reads the struct passed.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
 }
 
 /// Local wall-clock time as HH:MM:SS.
