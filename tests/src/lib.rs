@@ -7,6 +7,7 @@
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    os::unix::process::CommandExt,
     path::PathBuf,
     process::{Child, Command, ExitStatus, Stdio},
     sync::mpsc,
@@ -15,6 +16,8 @@ use std::{
 };
 
 use socket2::{Domain, Socket, Type};
+
+pub mod testbed;
 
 /// The binary under test: `$TCPRTT_BIN` (set by `cargo xtask test`), else the release build.
 pub fn bin() -> PathBuf {
@@ -63,7 +66,19 @@ pub struct Tracer {
 impl Tracer {
     /// Starts tcprtt with `args` and returns once it says it is tracing.
     pub fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(bin())
+        let mut command = Command::new(bin());
+        // SAFETY: prctl is async-signal-safe; it makes the kernel end tcprtt (which then
+        // detaches its program) if this test process is killed before its guards run.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        let mut child = command
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -162,10 +162,7 @@ fn verbose_reports_events_and_in_kernel_cost() {
     let number_after = |word: &str| -> f64 {
         line.split(word)
             .nth(1)
-            .and_then(|s| {
-                s.split(|c: char| c == ',' || c == ';' || c == ' ')
-                    .find(|s| !s.is_empty())
-            })
+            .and_then(|s| s.split([',', ';', ' ']).find(|s| !s.is_empty()))
             .and_then(|s| s.parse().ok())
             .unwrap_or_else(|| panic!("{word} in {line}"))
     };
