@@ -81,18 +81,28 @@ impl Histogram {
         }
     }
 
-    /// Estimated `q`-quantile (0 < q <= 1): the upper edge of the fine bucket holding the
-    /// rank, clamped to the exact min and max. Within 1/8 of the true value above 8.
+    /// Estimated `q`-quantile (0 < q <= 1): the middle of the fine bucket holding the rank
+    /// (the part of it between the exact min and max). A fine bucket spans at most 1/8 of its values, so
+    /// the estimate is within 1/16 (6.25 %) of a value in that bucket.
     pub fn percentile(&self, q: f64) -> u64 {
         if self.count == 0 {
             return 0;
         }
         let rank = ((q * self.count as f64).ceil() as u64).clamp(1, self.count);
+        // The extremes are known exactly.
+        if rank == 1 {
+            return self.min;
+        }
+        if rank == self.count {
+            return self.max;
+        }
         let mut seen = 0;
         for (bucket, n) in self.buckets.iter().enumerate() {
             seen += n;
             if seen >= rank {
-                return bucket_high(bucket).clamp(self.min, self.max);
+                let low = bucket_low(bucket).max(self.min);
+                let high = bucket_high(bucket).min(self.max);
+                return low + (high - low) / 2;
             }
         }
         self.max

@@ -196,7 +196,7 @@ mod tests {
             concat!(
                 r#"{"time":"2026-11-22T23:05:01.123Z","interval_s":1.000,"unit":"us","attach":"tp_btf","group_by":"raddr","dropped":2,"missed":0,"#,
                 r#""histograms":[{"key":{"family":"ipv4","addr":"127.0.0.2"},"count":3,"sum":1073741905,"avg":357913968.333333,"#,
-                r#""min":40,"max":1073741824,"p50":43,"p90":1073741824,"p99":1073741824,"#,
+                r#""min":40,"max":1073741824,"p50":41,"p90":1073741824,"p99":1073741824,"#,
                 r#""buckets":[{"low":40,"high":43,"count":2},{"low":67108864,"high":null,"count":1}]}]}"#,
                 "\n"
             )
