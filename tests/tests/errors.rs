@@ -128,3 +128,31 @@ fn help_shows_examples() {
     assert!(out.stdout.contains("Examples:"), "{}", out.stdout);
     assert!(out.stdout.contains("--byraddr"), "{}", out.stdout);
 }
+
+/// A binary built with AYA_BUILD_SKIP=1 (as `cargo xtask test` does for its unit tests)
+/// has no eBPF program: it must say so and how to build a real one.
+#[test]
+fn a_binary_built_without_its_ebpf_program_says_how_to_build_one() {
+    let path = std::env::var_os("TCPRTT_NO_EBPF_BIN").map_or_else(
+        || {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/tcprtt-without-ebpf")
+        },
+        std::path::PathBuf::from,
+    );
+    assert!(
+        path.exists(),
+        "{} is built by `cargo xtask test`",
+        path.display()
+    );
+    let out = std::process::Command::new(&path)
+        .args(["-d", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "tcprtt: error: this tcprtt was built without its eBPF program (AYA_BUILD_SKIP was set): \
+         rebuild with `cargo xtask build`\n"
+    );
+}

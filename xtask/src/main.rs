@@ -350,6 +350,17 @@ impl Project {
         .env("AYA_BUILD_SKIP", "1");
         self.step("unit tests", unit)?;
 
+        // The end-to-end tests check what such a binary says when run; it reuses the
+        // unit tests' build, so this costs a link.
+        let mut no_ebpf = self.cargo(None)?;
+        no_ebpf
+            .args(["build", "--package", "tcprtt"])
+            .env("AYA_BUILD_SKIP", "1");
+        self.step("building a tcprtt without its eBPF program", no_ebpf)?;
+        let no_ebpf_bin = self.root.join("target/tcprtt-without-ebpf");
+        fs::copy(self.root.join("target/debug/tcprtt"), &no_ebpf_bin)
+            .context("copying target/debug/tcprtt to target/tcprtt-without-ebpf")?;
+
         self.build_release()?;
         ensure!(
             is_root(),
@@ -365,7 +376,8 @@ impl Project {
             "--",
             "--test-threads=1",
         ])
-        .env("TCPRTT_BIN", self.root.join("target/release/tcprtt"));
+        .env("TCPRTT_BIN", self.root.join("target/release/tcprtt"))
+        .env("TCPRTT_NO_EBPF_BIN", no_ebpf_bin);
         self.step("end-to-end tests (real kernel, as root)", e2e)
     }
 }
