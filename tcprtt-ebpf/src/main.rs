@@ -27,9 +27,9 @@ use tcprtt_common::{
 #[unsafe(no_mangle)]
 static CONFIG: Global<ProbeConfig> = Global::new(ProbeConfig::ZERO);
 
-/// Two histogram maps (and two `ALL` arrays), written alternately: userspace flips `ACTIVE`, waits until every
-/// program that might still use the old map has returned, then reads and empties it. This
-/// is what makes interval reports exact without locking.
+/// Two histogram maps (and two `ALL` arrays), written alternately: userspace flips
+/// `ACTIVE`, waits until every program that might still use the old one has returned, then
+/// reads and empties it. This is what makes interval reports exact without locking.
 #[map]
 static HIST0: PerCpuHashMap<HistKey, HistValue> =
     PerCpuHashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
@@ -87,7 +87,7 @@ pub fn tcprtt_empty(_ctx: BtfTracePointContext) -> i32 {
 enum Skip {
     /// It did not pass a filter: not an error, nothing to count.
     Filtered,
-    /// Its socket could not be read or has an unknown family.
+    /// Not a TCP socket, or a family other than IPv4/IPv6.
     Unreadable,
     /// The histogram map is full.
     MapFull,
