@@ -107,7 +107,11 @@ pub mod stat {
     pub const DROPPED: u32 = 0;
     /// Segments of a non-TCP socket or of a family other than IPv4/IPv6.
     pub const UNREADABLE: u32 = 1;
-    pub const COUNT: u32 = 2;
+    /// Matched segments of a new key for which the kernel could not allocate a histogram
+    /// at that moment (its allocator for maps without preallocation refills in the
+    /// background, so a burst of new keys can outrun it).
+    pub const NO_MEMORY: u32 = 2;
+    pub const COUNT: u32 = 3;
 }
 
 /// Read-only configuration, written into the program's `.rodata` by the loader before the

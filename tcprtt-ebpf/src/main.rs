@@ -24,6 +24,9 @@ use tcprtt_common::{
     AF_INET, AF_INET6, HistKey, HistValue, ProbeConfig, filter, fine_bucket, group, stat,
 };
 
+/// `-E2BIG`: what inserting into a full hash map returns.
+const E2BIG: i32 = -7;
+
 #[unsafe(no_mangle)]
 static CONFIG: Global<ProbeConfig> = Global::new(ProbeConfig::ZERO);
 
@@ -91,6 +94,8 @@ enum Skip {
     Unreadable,
     /// The histogram map is full.
     MapFull,
+    /// The kernel could not allocate a histogram for a new key just now.
+    NoMemory,
 }
 
 #[inline(always)]
@@ -99,6 +104,7 @@ fn count_failure(result: Result<(), Skip>) {
         Ok(()) | Err(Skip::Filtered) => {}
         Err(Skip::Unreadable) => bump(stat::UNREADABLE),
         Err(Skip::MapFull) => bump(stat::DROPPED),
+        Err(Skip::NoMemory) => bump(stat::NO_MEMORY),
     }
 }
 
@@ -160,12 +166,40 @@ fn try_record(sk: *const u8) -> Result<(), Skip> {
         return Err(Skip::Unreadable);
     }
 
+    // With no filter and no grouping every segment counts and the key is all zero: a TCP
+    // socket (tp is not NULL) is always IPv4 or IPv6, so nothing else needs reading.
+    let plain = cfg.filters == 0 && cfg.group_by == group::NONE && cfg.family == 0;
+    let mut key = HistKey::default();
+    if !plain {
+        select(sk, &cfg, &mut key)?;
+    }
+
+    let srtt_us_x8: u32 = read(tp.cast(), cfg.off_srtt_us);
+    let mut value = u64::from(srtt_us_x8 >> 3);
+    if cfg.milliseconds != 0 {
+        value /= 1000;
+    }
+    if cfg.group_by == group::NONE {
+        let all = match ACTIVE.get(0) {
+            Some(1) => &ALL1,
+            _ => &ALL0,
+        };
+        let slot = all.get_ptr_mut(0).ok_or(Skip::Unreadable)?;
+        // SAFETY: this CPU's own copy of a per-CPU value (see `add_sample`).
+        add_to(unsafe { &mut *slot }, value);
+        return Ok(());
+    }
+    add_sample(&key, value)
+}
+
+/// Applies the filters to the socket and fills in its histogram key.
+#[inline(always)]
+fn select(sk: *const u8, cfg: &ProbeConfig, key: &mut HistKey) -> Result<(), Skip> {
     let family: u16 = read(sk, cfg.off_family);
     let grouped_by_addr = matches!(cfg.group_by, group::LADDR | group::RADDR | group::FLOW);
     let wants_addr = cfg.filters & (filter::LADDR | filter::RADDR) != 0
         || grouped_by_addr
         || (cfg.family != 0 && family == AF_INET6);
-    let mut key = HistKey::default();
     if wants_addr {
         let (laddr, raddr) = match family {
             AF_INET => (
@@ -232,23 +266,7 @@ fn try_record(sk: *const u8) -> Result<(), Skip> {
             key.rport = rport;
         }
     }
-
-    let srtt_us_x8: u32 = read(tp.cast(), cfg.off_srtt_us);
-    let mut value = u64::from(srtt_us_x8 >> 3);
-    if cfg.milliseconds != 0 {
-        value /= 1000;
-    }
-    if cfg.group_by == group::NONE {
-        let all = match ACTIVE.get(0) {
-            Some(1) => &ALL1,
-            _ => &ALL0,
-        };
-        let slot = all.get_ptr_mut(0).ok_or(Skip::Unreadable)?;
-        // SAFETY: this CPU's own copy of a per-CPU value (see `add_sample`).
-        add_to(unsafe { &mut *slot }, value);
-        return Ok(());
-    }
-    add_sample(&key, value)
+    Ok(())
 }
 
 #[inline(always)]
@@ -265,8 +283,11 @@ fn add_sample(key: &HistKey, value: u64) -> Result<(), Skip> {
             // reference keeps the 1.5 KiB value off the 512-byte BPF stack.
             let zero: &HistValue = unsafe { &*zero };
             // EEXIST (another CPU inserted the key first) is fine: the lookup finds it.
-            let _ = hist.insert(key, zero, u64::from(BPF_NOEXIST));
-            hist.get_ptr_mut(key).ok_or(Skip::MapFull)?
+            let failure = match hist.insert(key, zero, u64::from(BPF_NOEXIST)) {
+                Err(E2BIG) => Skip::MapFull,
+                _ => Skip::NoMemory,
+            };
+            hist.get_ptr_mut(key).ok_or(failure)?
         }
     };
     // SAFETY: this CPU's own copy of a per-CPU value. Programs run with migration disabled

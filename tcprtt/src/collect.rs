@@ -27,6 +27,8 @@ pub struct Counters {
     pub matched: u64,
     /// Matched segments with no room left in the histogram map.
     pub dropped: u64,
+    /// Matched segments of a new key the kernel could not allocate a histogram for.
+    pub no_memory: u64,
     /// Segments of a non-TCP socket or an unknown family.
     pub unreadable: u64,
     /// Segments the kernel did not run the program for because it was already running on
@@ -107,6 +109,7 @@ impl Collector {
             seen: self.program_stat("run_cnt")? + missed,
             matched: 0,
             dropped: sum(stat::DROPPED)?,
+            no_memory: sum(stat::NO_MEMORY)?,
             unreadable: sum(stat::UNREADABLE)?,
             missed,
         })
@@ -160,10 +163,12 @@ impl Collector {
 
         let totals = self.read_totals()?;
         let dropped = totals.dropped - self.totals.dropped;
+        let no_memory = totals.no_memory - self.totals.no_memory;
         let counters = Counters {
             seen: totals.seen - self.totals.seen,
-            matched: histograms.iter().map(|(_, h)| h.count).sum::<u64>() + dropped,
+            matched: histograms.iter().map(|(_, h)| h.count).sum::<u64>() + dropped + no_memory,
             dropped,
+            no_memory,
             unreadable: totals.unreadable - self.totals.unreadable,
             missed: totals.missed - self.totals.missed,
         };

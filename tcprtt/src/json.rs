@@ -138,13 +138,14 @@ pub fn render_json(report: &crate::render::Report, meta: &JsonMeta) -> String {
         .map(|(k, h)| histogram(report.group_by, k, h))
         .collect();
     format!(
-        r#"{{"time":{},"interval_s":{:.3},"unit":"{}","attach":"{}","group_by":"{}","dropped":{},"missed":{},"histograms":[{}]}}"#,
+        r#"{{"time":{},"interval_s":{:.3},"unit":"{}","attach":"{}","group_by":"{}","dropped":{},"dropped_no_memory":{},"missed":{},"histograms":[{}]}}"#,
         string(&meta.time),
         meta.interval_s,
         if report.milliseconds { "ms" } else { "us" },
         meta.attach,
         report.group_by.name(),
         report.dropped,
+        report.no_memory,
         report.missed,
         histograms.join(",")
     ) + "\n"
@@ -183,6 +184,7 @@ mod tests {
                 Histogram::from_samples([40, 41, 1 << 30]),
             )],
             dropped: 2,
+            no_memory: 0,
             missed: 0,
             max_keys: 10240,
         };
@@ -194,7 +196,7 @@ mod tests {
         assert_eq!(
             render_json(&report, &meta),
             concat!(
-                r#"{"time":"2026-11-22T23:05:01.123Z","interval_s":1.000,"unit":"us","attach":"tp_btf","group_by":"raddr","dropped":2,"missed":0,"#,
+                r#"{"time":"2026-11-22T23:05:01.123Z","interval_s":1.000,"unit":"us","attach":"tp_btf","group_by":"raddr","dropped":2,"dropped_no_memory":0,"missed":0,"#,
                 r#""histograms":[{"key":{"family":"ipv4","addr":"127.0.0.2"},"count":3,"sum":1073741905,"avg":357913968.333333,"#,
                 r#""min":40,"max":1073741824,"p50":41,"p90":1073741824,"p99":1073741824,"#,
                 r#""buckets":[{"low":40,"high":43,"count":2},{"low":67108864,"high":null,"count":1}]}]}"#,

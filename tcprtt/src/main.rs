@@ -165,9 +165,10 @@ fn self_report(attach: loader::AttachPoint, collector: &Collector) -> Result<Str
     };
     let c = collector.totals();
     Ok(format!(
-        "tcprtt: attach point {attach}; events seen {}, matched {}, dropped {}, unreadable {}, \
-         missed {}; in-kernel cost {per_event} ({ns} ns over {runs} runs)",
-        c.seen, c.matched, c.dropped, c.unreadable, c.missed
+        "tcprtt: attach point {attach}; events seen {}, matched {}, dropped {}, \
+         dropped for lack of memory {}, unreadable {}, missed {}; in-kernel cost {per_event} \
+         ({ns} ns over {runs} runs)",
+        c.seen, c.matched, c.dropped, c.no_memory, c.unreadable, c.missed
     ))
 }
 
@@ -218,6 +219,7 @@ impl Reporter<'_> {
             extension: opts.extension,
             histograms,
             dropped: interval.counters.dropped,
+            no_memory: interval.counters.no_memory,
             missed: interval.counters.missed,
             max_keys: opts.max_keys,
         };

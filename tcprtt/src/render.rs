@@ -23,6 +23,8 @@ pub struct Report {
     pub histograms: Vec<(HistKey, Histogram)>,
     /// Matched samples that found no room in the histogram map.
     pub dropped: u64,
+    /// Matched samples of new keys the kernel could not allocate a histogram for in time.
+    pub no_memory: u64,
     /// Segments the kernel skipped the program for (it was already running on that CPU).
     pub missed: u64,
     pub max_keys: u32,
@@ -157,6 +159,14 @@ pub fn render_text(report: &Report) -> String {
             report.dropped, report.max_keys
         );
     }
+    if report.no_memory > 0 {
+        let _ = writeln!(
+            out,
+            "WARNING: {} samples dropped: new keys arrived faster than the kernel could \
+             allocate their histograms",
+            report.no_memory
+        );
+    }
     if report.missed > 0 {
         let _ = writeln!(
             out,
@@ -180,6 +190,7 @@ mod tests {
             extension: false,
             histograms,
             dropped: 0,
+            no_memory: 0,
             missed: 0,
             max_keys: 10240,
         }
@@ -278,11 +289,14 @@ count 1  min 3  max 3  p50 ~3  p90 ~3  p99 ~3 (ms)
     fn empty_report_and_drops_are_stated() {
         let mut r = report(vec![]);
         r.dropped = 7;
+        r.no_memory = 3;
         r.missed = 2;
         assert_eq!(
             render_text(&r),
             "No TCP RTT samples matched.\n\
              WARNING: 7 samples dropped: more than 10240 distinct keys (raise --max-keys)\n\
+             WARNING: 3 samples dropped: new keys arrived faster than the kernel could \
+             allocate their histograms\n\
              WARNING: 2 segments missed: the kernel skipped the program while it was already \
              running on the same CPU\n"
         );

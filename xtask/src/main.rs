@@ -4,6 +4,8 @@
 //! first: the nightly `rust-src` component, a bpf-linker built against the nightly's own
 //! LLVM (into `.tools/`, inside the project), and the Debian packages the tests use.
 
+mod bench;
+
 use std::{
     env,
     ffi::OsString,
@@ -43,6 +45,8 @@ enum Task {
     },
     /// Set up, then fmt, clippy, unit tests and end-to-end tests (as root)
     Test,
+    /// Set up, build, and measure what tcprtt costs the host into BENCHMARKS.md (as root)
+    Bench,
 }
 
 fn main() {
@@ -74,6 +78,15 @@ fn run(args: Args) -> Result<()> {
             std::process::exit(status.code().unwrap_or(1));
         }
         Task::Test => project.test(),
+        Task::Bench => {
+            project.setup()?;
+            project.build_release()?;
+            ensure!(
+                is_root(),
+                "the benchmark loads eBPF programs: run `cargo xtask bench` as root"
+            );
+            bench::run(&project.root)
+        }
     }
 }
 
