@@ -226,6 +226,19 @@ pub fn ping_pong_parallel(
     }
 }
 
+/// `ip` (IPv4 or IPv6 text) and `port` as a socket address.
+pub fn sock_addr(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().expect("an IP address"), port)
+}
+
+/// The labels of the histograms in tcprtt's text output, in order.
+pub fn labels(text: &str) -> Vec<String> {
+    parse_histograms(text)
+        .into_iter()
+        .map(|h| h.label)
+        .collect()
+}
+
 /// One histogram as printed: its label, average, and `low -> high : count` rows.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Printed {

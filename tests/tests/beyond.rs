@@ -1,25 +1,12 @@
 //! What the reference tools lack: JSON reports, port and connection groupings, and the
 //! -v self-report. Loopback traffic on addresses of this file's own (127.4.x.x).
 
-use std::{
-    collections::BTreeMap,
-    net::{IpAddr, SocketAddr},
-    thread,
-};
+use std::{collections::BTreeMap, thread};
 
 use serde_json::Value;
-use tcprtt_tests::{EchoServer, Tracer, parse_histograms, ping_pong, ping_pong_parallel};
-
-fn sa(ip: &str, port: u16) -> SocketAddr {
-    SocketAddr::new(ip.parse::<IpAddr>().unwrap(), port)
-}
-
-fn labels(stdout: &str) -> Vec<String> {
-    parse_histograms(stdout)
-        .into_iter()
-        .map(|h| h.label)
-        .collect()
-}
+use tcprtt_tests::{
+    EchoServer, Tracer, labels, parse_histograms, ping_pong, ping_pong_parallel, sock_addr,
+};
 
 /// A JSON tracer and a text tracer watch the same traffic: every JSON line parses, has
 /// the documented fields, and the per-address counts add up to the text report's.
@@ -39,8 +26,8 @@ fn json_reports_parse_and_agree_with_the_text_report() {
         "2.5",
     ]);
     thread::scope(|s| {
-        s.spawn(|| ping_pong_parallel(sa("127.4.0.5", 0), a.addr, 2, 300));
-        s.spawn(|| ping_pong(sa("127.4.0.6", 0), b.addr, 500));
+        s.spawn(|| ping_pong_parallel(sock_addr("127.4.0.5", 0), a.addr, 2, 300));
+        s.spawn(|| ping_pong(sock_addr("127.4.0.6", 0), b.addr, 500));
     });
     let json = json.wait();
     let text = text.stop_with(libc::SIGINT);
@@ -105,7 +92,7 @@ fn json_reports_parse_and_agree_with_the_text_report() {
 fn ports_and_connections_get_a_histogram_each() {
     let srv = EchoServer::start("127.4.1.1".parse().unwrap(), 0);
     let port = srv.addr.port();
-    let traffic = || ping_pong(sa("127.4.1.2", 0), srv.addr, 200);
+    let traffic = || ping_pong(sock_addr("127.4.1.2", 0), srv.addr, 200);
 
     let t = Tracer::start(&["--by-lport", "-a", "127.4.1.1"]);
     traffic();
@@ -150,7 +137,7 @@ fn ports_and_connections_get_a_histogram_each() {
 fn verbose_reports_events_and_in_kernel_cost() {
     let srv = EchoServer::start("127.4.2.1".parse().unwrap(), 0);
     let t = Tracer::start(&["-v", "-A", "127.4.2.1", "-e"]);
-    ping_pong(sa("127.4.2.2", 0), srv.addr, 500);
+    ping_pong(sock_addr("127.4.2.2", 0), srv.addr, 500);
     let out = t.stop_with(libc::SIGINT);
     assert!(out.status.success(), "{out:?}");
     let count = parse_histograms(&out.stdout)[0].count();

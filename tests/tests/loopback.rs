@@ -9,21 +9,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tcprtt_tests::{EchoServer, Tracer, parse_histograms, ping_pong, ping_pong_parallel, run};
-
-fn sa(ip: &str, port: u16) -> SocketAddr {
-    SocketAddr::new(ip.parse::<IpAddr>().unwrap(), port)
-}
+use tcprtt_tests::{
+    EchoServer, Tracer, labels, parse_histograms, ping_pong, ping_pong_parallel, run, sock_addr,
+};
 
 fn server(ip: &str) -> EchoServer {
     EchoServer::start(ip.parse().unwrap(), 0)
-}
-
-fn labels(stdout: &str) -> Vec<String> {
-    parse_histograms(stdout)
-        .into_iter()
-        .map(|h| h.label)
-        .collect()
 }
 
 /// Ids of the tcprtt programs loaded in the kernel now.
@@ -56,7 +47,7 @@ fn sigint_prints_one_histogram_of_all_traffic_and_unloads() {
     );
     let ours: Vec<u32> = tcprtt_program_ids().difference(&before).copied().collect();
     assert_eq!(ours.len(), 1, "one program attached");
-    ping_pong(sa("127.3.0.2", 0), srv.addr, 300);
+    ping_pong(sock_addr("127.3.0.2", 0), srv.addr, 300);
     let out = tracer.stop_with(libc::SIGINT);
     assert!(out.status.success(), "{out:?}");
     let hists = parse_histograms(&out.stdout);
@@ -86,7 +77,7 @@ fn sigint_prints_one_histogram_of_all_traffic_and_unloads() {
 fn sigterm_prints_the_report_and_exits_0() {
     let srv = server("127.3.0.5");
     let tracer = Tracer::start(&["-A", "127.3.0.5"]);
-    ping_pong(sa("127.3.0.6", 0), srv.addr, 100);
+    ping_pong(sock_addr("127.3.0.6", 0), srv.addr, 100);
     let out = tracer.stop_with(libc::SIGTERM);
     assert!(out.status.success(), "{out:?}");
     assert!(
@@ -161,8 +152,8 @@ fn each_filter_kind_keeps_matching_and_drops_concurrent_other_traffic() {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let tracer = Tracer::start(&args);
         thread::scope(|s| {
-            s.spawn(|| ping_pong(sa("127.3.1.11", 0), a.addr, 200));
-            s.spawn(|| ping_pong(sa("127.3.1.12", 0), b.addr, 200));
+            s.spawn(|| ping_pong(sock_addr("127.3.1.11", 0), a.addr, 200));
+            s.spawn(|| ping_pong(sock_addr("127.3.1.12", 0), b.addr, 200));
         });
         let out = tracer.stop_with(libc::SIGINT);
         assert!(out.status.success(), "{args:?}: {out:?}");
@@ -179,15 +170,15 @@ fn families_group_and_filter_separately_including_ipv4_mapped_sockets() {
     let v6 = server("::1");
     let traffic = || {
         thread::scope(|s| {
-            s.spawn(|| ping_pong(sa("127.3.2.2", 0), v4.addr, 150));
-            s.spawn(|| ping_pong(sa("::1", 0), v6.addr, 150));
+            s.spawn(|| ping_pong(sock_addr("127.3.2.2", 0), v4.addr, 150));
+            s.spawn(|| ping_pong(sock_addr("::1", 0), v6.addr, 150));
             // An IPv6 socket talking to an IPv4 server: shown and filtered as IPv4.
             s.spawn(|| {
                 let mapped = SocketAddr::new(
                     "::ffff:127.3.2.1".parse::<IpAddr>().unwrap(),
                     v4.addr.port(),
                 );
-                ping_pong(sa("::ffff:127.3.2.3", 0), mapped, 150)
+                ping_pong(sock_addr("::ffff:127.3.2.3", 0), mapped, 150)
             });
         })
     };
@@ -241,7 +232,7 @@ fn milliseconds_are_the_same_samples_divided_by_1000() {
     let srv = server("127.3.3.1");
     let us = Tracer::start(&["-A", "127.3.3.1", "-e"]);
     let ms = Tracer::start(&["-A", "127.3.3.1", "-e", "-m"]);
-    ping_pong(sa("127.3.3.2", 0), srv.addr, 300);
+    ping_pong(sock_addr("127.3.3.2", 0), srv.addr, 300);
     let ms_out = ms.stop_with(libc::SIGINT);
     let us_out = us.stop_with(libc::SIGINT);
     let (us_h, ms_h) = (
@@ -276,7 +267,7 @@ fn interval_reports_are_timestamped_and_exact_against_a_whole_run() {
     let whole = Tracer::start(&["-A", "127.3.4.1", "-e"]);
     let started = Instant::now();
     let intervals = Tracer::start(&["-A", "127.3.4.1", "-e", "-i", "0.5", "-d", "3", "-T"]);
-    ping_pong_parallel(sa("127.3.4.2", 0), srv.addr, 4, 400);
+    ping_pong_parallel(sock_addr("127.3.4.2", 0), srv.addr, 4, 400);
     let out = intervals.wait();
     let elapsed = started.elapsed();
     let whole = whole.stop_with(libc::SIGINT);
@@ -326,7 +317,7 @@ fn duration_ends_the_run_on_time_with_exit_0() {
 fn parallel_traffic_on_both_cpus_is_counted_exactly() {
     let srv = server("127.3.5.1");
     let tracer = Tracer::start(&["-A", "127.3.5.1", "-e"]);
-    ping_pong_parallel(sa("127.3.5.2", 0), srv.addr, 8, 1000);
+    ping_pong_parallel(sock_addr("127.3.5.2", 0), srv.addr, 8, 1000);
     let out = tracer.stop_with(libc::SIGINT);
     let h = &parse_histograms(&out.stdout)[0];
     assert!(h.count() >= 8000, "{}", out.stdout);
@@ -347,7 +338,7 @@ fn a_closed_pipe_ends_the_run_quietly() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    ping_pong(sa("127.3.6.2", 0), srv.addr, 50);
+    ping_pong(sock_addr("127.3.6.2", 0), srv.addr, 50);
     // Read one line, then close our end, as `| head -1` does.
     let mut stdout = child.stdout.take().unwrap();
     let mut first = [0u8; 1];
@@ -371,7 +362,7 @@ fn a_full_map_reports_exactly_how_many_samples_it_dropped() {
     let srv = server("127.3.7.1");
     let tracer = Tracer::start(&["-b", "-a", "127.3.7.0/24", "--max-keys", "2", "-v"]);
     for client in ["127.3.7.2", "127.3.7.3", "127.3.7.4"] {
-        ping_pong(sa(client, 0), srv.addr, 100);
+        ping_pong(sock_addr(client, 0), srv.addr, 100);
     }
     let out = tracer.stop_with(libc::SIGINT);
     assert!(out.status.success(), "{out:?}");
