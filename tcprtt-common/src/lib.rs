@@ -105,7 +105,7 @@ pub mod stat {
     /// Matched segments that found no room in the histogram map (more keys than
     /// `--max-keys`).
     pub const DROPPED: u32 = 0;
-    /// Segments of a non-TCP socket or of a family other than IPv4/IPv6.
+    /// Segments whose srtt could not be read, or of a family other than IPv4/IPv6.
     pub const UNREADABLE: u32 = 1;
     /// Matched segments of a new key for which the kernel could not allocate a histogram
     /// at that moment (its allocator for maps without preallocation refills in the

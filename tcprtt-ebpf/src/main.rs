@@ -10,12 +10,10 @@
 #![no_std]
 #![no_main]
 
-use core::ffi::c_void;
-
 use aya_ebpf::{
     Global,
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
-    helpers::bpf_skc_to_tcp_sock,
+    helpers::bpf_probe_read_kernel,
     macros::{btf_tracepoint, fentry, map},
     maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
     programs::{BtfTracePointContext, FEntryContext},
@@ -90,7 +88,7 @@ pub fn tcprtt_empty(_ctx: BtfTracePointContext) -> i32 {
 enum Skip {
     /// It did not pass a filter: not an error, nothing to count.
     Filtered,
-    /// Not a TCP socket, or a family other than IPv4/IPv6.
+    /// A field could not be read, or the family is neither IPv4 nor IPv6.
     Unreadable,
     /// The histogram map is full.
     MapFull,
@@ -158,23 +156,22 @@ fn in_prefixes(trie: &LpmTrie<[u8; 16], u8>, addr: [u8; 16]) -> bool {
 #[inline(always)]
 fn try_record(sk: *const u8) -> Result<(), Skip> {
     let cfg = CONFIG.load();
-    // srtt_us lies beyond `struct sock`; the helper returns the same pointer typed as
-    // `struct tcp_sock`, so the verifier accepts the load (NULL for a non-TCP socket).
-    // SAFETY: `sk` is the kernel's own socket pointer, as the helper expects.
-    let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut c_void) };
-    if tp.is_null() {
-        return Err(Skip::Unreadable);
-    }
-
-    // With no filter and no grouping every segment counts and the key is all zero: a TCP
-    // socket (tp is not NULL) is always IPv4 or IPv6, so nothing else needs reading.
+    // With no filter and no grouping every segment counts and the key is all zero: this
+    // hook only sees TCP sockets, which are always IPv4 or IPv6, so nothing else needs
+    // reading.
     let plain = cfg.filters == 0 && cfg.group_by == group::NONE && cfg.family == 0;
     let mut key = HistKey::default();
     if !plain {
         select(sk, &cfg, &mut key)?;
     }
 
-    let srtt_us_x8: u32 = read(tp.cast(), cfg.off_srtt_us);
+    // srtt_us lies beyond `struct sock`, the type the verifier knows `sk` by, so a direct
+    // load is refused; bpf_skc_to_tcp_sock would allow one but needs Linux 5.9, and this
+    // probe-read costs the same here (measured) while keeping Linux 5.5 supported.
+    // SAFETY: probe-read copes with any address; a bad one is an error, not a fault.
+    let srtt_us_x8: u32 =
+        unsafe { bpf_probe_read_kernel(sk.wrapping_add(cfg.off_srtt_us as usize).cast::<u32>()) }
+            .map_err(|_| Skip::Unreadable)?;
     let mut value = u64::from(srtt_us_x8 >> 3);
     if cfg.milliseconds != 0 {
         value /= 1000;

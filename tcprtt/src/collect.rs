@@ -29,7 +29,7 @@ pub struct Counters {
     pub dropped: u64,
     /// Matched segments of a new key the kernel could not allocate a histogram for.
     pub no_memory: u64,
-    /// Segments of a non-TCP socket or an unknown family.
+    /// Segments whose srtt could not be read, or of an unknown family.
     pub unreadable: u64,
     /// Segments the kernel did not run the program for because it was already running on
     /// that CPU (a softirq interrupting process-context receive processing).
@@ -103,10 +103,16 @@ impl Collector {
                 .with_context(|| format!("reading event counter {index}"))?;
             Ok(per_cpu.iter().sum())
         };
-        let missed = self.program_stat("recursion_misses")?;
+        let info = self.read_fdinfo()?;
+        let field = |name: &str| {
+            fdinfo_field(&info, name)
+                .with_context(|| format!("no {name} in {}", self.fdinfo.display()))
+        };
+        // Kernels before 5.12 do not count misses.
+        let missed = fdinfo_field(&info, "recursion_misses").unwrap_or(0);
         Ok(Counters {
             // run_cnt only moves while run-time statistics are on (-v).
-            seen: self.program_stat("run_cnt")? + missed,
+            seen: field("run_cnt")? + missed,
             matched: 0,
             dropped: sum(stat::DROPPED)?,
             no_memory: sum(stat::NO_MEMORY)?,
@@ -115,11 +121,15 @@ impl Collector {
         })
     }
 
+    fn read_fdinfo(&self) -> Result<String> {
+        std::fs::read_to_string(&self.fdinfo)
+            .with_context(|| format!("reading {}", self.fdinfo.display()))
+    }
+
     /// A counter the kernel keeps for the program (`run_time_ns`, `run_cnt`, ...).
     pub fn program_stat(&self, name: &str) -> Result<u64> {
-        let info = std::fs::read_to_string(&self.fdinfo)
-            .with_context(|| format!("reading {}", self.fdinfo.display()))?;
-        fdinfo_field(&info, name).with_context(|| format!("no {name} in {}", self.fdinfo.display()))
+        fdinfo_field(&self.read_fdinfo()?, name)
+            .with_context(|| format!("no {name} in {}", self.fdinfo.display()))
     }
 
     /// Event counters over the whole run, as of the last [`Self::take_interval`].

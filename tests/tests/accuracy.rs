@@ -302,10 +302,18 @@ fn cidr_and_port_filters_keep_exactly_the_intended_delayed_connection() {
                 after[i],
                 out.stdout
             );
-            // Which connection it is shows in the label and the count; the bucket only has
-            // to say which path (5 ms vs 40 ms, 8x apart). A few smoothed samples may
-            // still straddle a bucket edge after a scheduling hiccup on a busy machine.
-            assert!(share(h, kept.slot) >= 0.8, "{args:?}\n{}", out.stdout);
+            // Which connection it is shows in the label and the count; the samples only
+            // have to say which path. The 20 ms-each-way path never reads below 40 ms, and
+            // the 5 ms one stays far below that even when a delayed ACK or a busy machine
+            // pushes a few smoothed samples over the 16383 µs edge; so the check is on the
+            // side of 32768 µs every sample lies, with most in the path's own row.
+            let (below, above) = (h.count_within(0, 32767), h.count_within(32768, u64::MAX));
+            if kept.slot == RTT_40MS {
+                assert_eq!(below, 0, "{args:?}\n{}", out.stdout);
+            } else {
+                assert_eq!(above, 0, "{args:?}\n{}", out.stdout);
+            }
+            assert!(share(h, kept.slot) >= 0.5, "{args:?}\n{}", out.stdout);
         }
     }
 }
