@@ -182,12 +182,20 @@ pub struct HistKey {
     pub raddr: [u8; 16],
 }
 
+/// How often userspace drains the histogram maps into its own 64-bit totals, at the
+/// longest. A 32-bit bucket of one CPU would need over 140 million samples a second to
+/// wrap within this time; a CPU handles a few million TCP segments a second at most.
+pub const DRAIN_PERIOD_SECS: u64 = 30;
+
 /// One histogram (one CPU's share of it: the map is per-CPU and userspace adds them up).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HistValue {
-    /// Samples per fine bucket (see [`fine_bucket`]).
-    pub buckets: [u64; FINE_BUCKETS],
+    /// Samples per fine bucket (see [`fine_bucket`]). 32 bits halve the per-CPU value
+    /// (memory, cache lines, the zeroing of a new key); see [`DRAIN_PERIOD_SECS`].
+    pub buckets: [u32; FINE_BUCKETS],
+    /// Explicit padding, always zero: aligns the 64-bit fields below.
+    pub reserved: u32,
     /// Number of samples.
     pub count: u64,
     /// Sum of the samples, in the recorded unit.
@@ -201,6 +209,7 @@ pub struct HistValue {
 impl HistValue {
     pub const ZERO: Self = Self {
         buckets: [0; FINE_BUCKETS],
+        reserved: 0,
         count: 0,
         sum: 0,
         min: 0,
@@ -208,23 +217,12 @@ impl HistValue {
     };
 }
 
-/// Key of the address filter LPM tries: a prefix length over the IPv4-mapped form.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct AddrKey {
-    /// Number of leading bits of `addr` that must match.
-    pub prefix_len: u32,
-    /// Address, network order (IPv4 as `::ffff:a.b.c.d`).
-    pub addr: [u8; 16],
-}
-
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: all four are repr(C), padding-free and valid for any bit pattern.
+    // SAFETY: all three are repr(C), padding-free and valid for any bit pattern.
     unsafe impl aya::Pod for super::ProbeConfig {}
     unsafe impl aya::Pod for super::HistKey {}
     unsafe impl aya::Pod for super::HistValue {}
-    unsafe impl aya::Pod for super::AddrKey {}
 }
 
 #[cfg(test)]
@@ -272,7 +270,6 @@ mod tests {
         use core::mem::size_of;
         assert_eq!(size_of::<ProbeConfig>(), 12 * 4);
         assert_eq!(size_of::<HistKey>(), 4 * 2 + 16 + 16);
-        assert_eq!(size_of::<HistValue>(), (FINE_BUCKETS + 4) * 8);
-        assert_eq!(size_of::<AddrKey>(), 4 + 16);
+        assert_eq!(size_of::<HistValue>(), (FINE_BUCKETS + 1) * 4 + 4 * 8);
     }
 }

@@ -7,6 +7,7 @@
 //! map, which by then nothing writes. Every sample lands in exactly one interval.
 
 use std::{
+    collections::HashMap,
     os::fd::{AsFd, AsRawFd},
     path::PathBuf,
 };
@@ -51,6 +52,8 @@ pub struct Collector {
     grace: GracePeriod,
     /// `/proc/self/fdinfo/<program fd>`: where the kernel reports the program's misses.
     fdinfo: PathBuf,
+    /// What earlier drains took from the kernel since the last interval.
+    pending: HashMap<HistKey, Histogram>,
 }
 
 /// A `name:\tvalue` field of a BPF program's fdinfo.
@@ -91,6 +94,7 @@ impl Collector {
             stats: take(probe, "STATS")?,
             totals: Counters::default(),
             grace: GracePeriod::new()?,
+            pending: HashMap::new(),
         })
     }
 
@@ -137,8 +141,10 @@ impl Collector {
         self.totals
     }
 
-    /// Everything recorded since the previous call, and the map emptied for the next one.
-    pub fn take_interval(&mut self) -> Result<Interval> {
+    /// Moves everything the kernel recorded so far into userspace's 64-bit totals and
+    /// empties the maps. Must run at least every `DRAIN_PERIOD_SECS` so that no 32-bit
+    /// kernel bucket can wrap.
+    pub fn drain(&mut self) -> Result<()> {
         let old = self.active_index as usize;
         let next = 1 - self.active_index;
         self.active
@@ -152,10 +158,12 @@ impl Collector {
             .keys()
             .collect::<Result<Vec<_>, _>>()
             .context("listing histogram keys")?;
-        let mut histograms = Vec::with_capacity(keys.len());
         for key in keys {
             let shares = map.get(&key, 0).context("reading a histogram")?;
-            histograms.push((key, Histogram::merge(shares.iter())));
+            self.pending
+                .entry(key)
+                .or_default()
+                .absorb(&Histogram::merge(shares.iter()));
             map.remove(&key).context("emptying the histogram map")?;
         }
 
@@ -165,11 +173,21 @@ impl Collector {
             .context("reading the all-traffic histogram")?;
         let hist = Histogram::merge(shares.iter());
         if hist.count > 0 {
-            histograms.push((HistKey::default(), hist));
+            self.pending
+                .entry(HistKey::default())
+                .or_default()
+                .absorb(&hist);
             let zeros = vec![HistValue::ZERO; shares.len()];
             all.set(0, PerCpuValues::try_from(zeros)?, 0)
                 .context("emptying the all-traffic histogram")?;
         }
+        Ok(())
+    }
+
+    /// Everything recorded since the previous call, and the maps emptied for the next one.
+    pub fn take_interval(&mut self) -> Result<Interval> {
+        self.drain()?;
+        let histograms: Vec<(HistKey, Histogram)> = self.pending.drain().collect();
 
         let totals = self.read_totals()?;
         let dropped = totals.dropped - self.totals.dropped;

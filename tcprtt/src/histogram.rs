@@ -32,22 +32,37 @@ impl Histogram {
     pub fn merge<'a>(shares: impl IntoIterator<Item = &'a HistValue>) -> Self {
         let mut h = Self::default();
         for share in shares {
-            if share.count == 0 {
-                continue;
-            }
-            for (total, part) in h.buckets.iter_mut().zip(share.buckets.iter()) {
-                *total += part;
-            }
-            h.min = if h.count == 0 {
-                share.min
-            } else {
-                h.min.min(share.min)
-            };
-            h.max = h.max.max(share.max);
-            h.count += share.count;
-            h.sum += share.sum;
+            h.add(
+                share.buckets.iter().map(|n| u64::from(*n)),
+                [share.count, share.sum, share.min, share.max],
+            );
         }
         h
+    }
+
+    /// Adds `other` to this histogram (one drain of the kernel's maps to the next).
+    pub fn absorb(&mut self, other: &Histogram) {
+        self.add(
+            other.buckets.iter().copied(),
+            [other.count, other.sum, other.min, other.max],
+        );
+    }
+
+    fn add(&mut self, buckets: impl Iterator<Item = u64>, [count, sum, min, max]: [u64; 4]) {
+        if count == 0 {
+            return;
+        }
+        for (total, part) in self.buckets.iter_mut().zip(buckets) {
+            *total += part;
+        }
+        self.min = if self.count == 0 {
+            min
+        } else {
+            self.min.min(min)
+        };
+        self.max = self.max.max(max);
+        self.count += count;
+        self.sum += sum;
     }
 
     /// Builds a histogram from raw samples, as the kernel would (a reference for tests).
@@ -127,7 +142,8 @@ mod tests {
         let a = Histogram::from_samples([5, 9, 300]);
         let b = Histogram::from_samples([2, 40]);
         let to_value = |h: &Histogram| HistValue {
-            buckets: h.buckets,
+            buckets: h.buckets.map(|n| n as u32),
+            reserved: 0,
             count: h.count,
             sum: h.sum,
             min: h.min,
@@ -140,6 +156,15 @@ mod tests {
             (merged.count, merged.sum, merged.min, merged.max),
             (5, 356, 2, 300)
         );
+    }
+
+    #[test]
+    fn absorbing_drains_equals_one_histogram_of_all_samples() {
+        let mut total = Histogram::default();
+        total.absorb(&Histogram::from_samples([7, 900]));
+        total.absorb(&Histogram::default());
+        total.absorb(&Histogram::from_samples([3, 40_000]));
+        assert_eq!(total, Histogram::from_samples([7, 900, 3, 40_000]));
     }
 
     #[test]

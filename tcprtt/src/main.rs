@@ -129,12 +129,16 @@ async fn trace(opts: Options) -> Result<()> {
         .unwrap_or(Duration::from_secs(u32::MAX.into()));
     let mut ticker = interval_at(start + period, period);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let drain_period = Duration::from_secs(tcprtt_common::DRAIN_PERIOD_SECS);
+    let mut drainer = interval_at(start + drain_period, drain_period);
+    drainer.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let end = loop {
         tokio::select! {
             biased;
             _ = sigint.recv() => break End::Finished,
             _ = sigterm.recv() => break End::Finished,
             _ = sleep_until(deadline.unwrap_or(start)), if deadline.is_some() => break End::Finished,
+            _ = drainer.tick() => collector.drain()?,
             _ = ticker.tick(), if opts.interval.is_some() => {
                 if let End::OutputClosed = reporter.report(&mut collector)? {
                     break End::OutputClosed;

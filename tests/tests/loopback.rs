@@ -396,3 +396,42 @@ fn a_full_map_reports_exactly_how_many_samples_it_dropped() {
         .unwrap_or_else(|| panic!("{}", out.stderr));
     assert_eq!(kept + dropped, matched, "{}\n{}", out.stdout, out.stderr);
 }
+
+/// Past the 30 s at which tcprtt drains the kernel's 32-bit buckets into its own totals:
+/// a whole-run report (one periodic drain plus the final one) must hold exactly the
+/// samples of a tracer reporting every 4 s over the same traffic.
+#[test]
+fn runs_longer_than_the_drain_period_lose_nothing() {
+    let srv = server("127.3.8.1");
+    let whole = Tracer::start(&["-A", "127.3.8.1", "-e"]);
+    let intervals = Tracer::start(&["-A", "127.3.8.1", "-i", "4", "-d", "34"]);
+    let started = Instant::now();
+    let mut round_trips = 0;
+    while started.elapsed() < Duration::from_secs(32) {
+        ping_pong(sock_addr("127.3.8.2", 0), srv.addr, 100);
+        round_trips += 100;
+        thread::sleep(Duration::from_millis(50));
+    }
+    let intervals = intervals.wait();
+    let whole = whole.stop_with(libc::SIGINT);
+    assert!(intervals.status.success() && whole.status.success());
+    let total = parse_histograms(&whole.stdout)[0].count();
+    let per_interval: u64 = parse_histograms(&intervals.stdout)
+        .iter()
+        .map(|h| h.count())
+        .sum();
+    assert!(
+        total >= round_trips,
+        "{total} < {round_trips}\n{}",
+        whole.stdout
+    );
+    assert_eq!(
+        per_interval, total,
+        "{}\n{}",
+        intervals.stdout, whole.stdout
+    );
+    assert_eq!(
+        parse_histograms(&whole.stdout)[0].extension_field("count"),
+        Some(total)
+    );
+}
