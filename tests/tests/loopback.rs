@@ -435,3 +435,35 @@ fn runs_longer_than_the_drain_period_lose_nothing() {
         Some(total)
     );
 }
+
+/// The explicit hook, an explicit BTF file and bcc's spelling of the grouping flag.
+#[test]
+fn explicit_attach_btf_and_bcc_aliases_work() {
+    let srv = server("127.3.9.1");
+    let tracer = Tracer::start(&[
+        "--attach",
+        "tp-btf",
+        "--btf",
+        "/sys/kernel/btf/vmlinux",
+        "--byladdr",
+        "-a",
+        "127.3.9.2",
+    ]);
+    assert_eq!(
+        tracer.attach_line,
+        "Tracing TCP RTT via tp_btf/tcp_probe. Hit Ctrl-C to end."
+    );
+    ping_pong(sock_addr("127.3.9.2", 0), srv.addr, 100);
+    let out = tracer.stop_with(libc::SIGINT);
+    assert_eq!(
+        labels(&out.stdout),
+        ["Local Address = 127.3.9.2"],
+        "{}",
+        out.stdout
+    );
+    assert!(
+        parse_histograms(&out.stdout)[0].count() >= 100,
+        "{}",
+        out.stdout
+    );
+}
