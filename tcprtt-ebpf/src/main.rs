@@ -156,15 +156,24 @@ fn in_prefixes(trie: &LpmTrie<[u8; 16], u8>, addr: [u8; 16]) -> bool {
 #[inline(always)]
 fn try_record(sk: *const u8) -> Result<(), Skip> {
     let cfg = CONFIG.load();
-    // With no filter and no grouping every segment counts and the key is all zero: this
-    // hook only sees TCP sockets, which are always IPv4 or IPv6, so nothing else needs
-    // reading.
+    // With no filter and no grouping every segment counts and no key is needed: this hook
+    // only sees TCP sockets, which are always IPv4 or IPv6, so nothing else needs reading.
     let plain = cfg.filters == 0 && cfg.group_by == group::NONE && cfg.family == 0;
-    let mut key = HistKey::default();
-    if !plain {
-        select(sk, &cfg, &mut key)?;
+    if plain {
+        return add_to_all(read_srtt(sk, &cfg)?);
     }
+    let mut key = HistKey::default();
+    select(sk, &cfg, &mut key)?;
+    let value = read_srtt(sk, &cfg)?;
+    if cfg.group_by == group::NONE {
+        return add_to_all(value);
+    }
+    add_sample(&key, value)
+}
 
+/// The socket's smoothed RTT in the unit asked for.
+#[inline(always)]
+fn read_srtt(sk: *const u8, cfg: &ProbeConfig) -> Result<u64, Skip> {
     // srtt_us lies beyond `struct sock`, the type the verifier knows `sk` by, so a direct
     // load is refused; bpf_skc_to_tcp_sock would allow one but needs Linux 5.9, and this
     // probe-read costs the same here (measured) while keeping Linux 5.5 supported.
@@ -172,21 +181,28 @@ fn try_record(sk: *const u8) -> Result<(), Skip> {
     let srtt_us_x8: u32 =
         unsafe { bpf_probe_read_kernel(sk.wrapping_add(cfg.off_srtt_us as usize).cast::<u32>()) }
             .map_err(|_| Skip::Unreadable)?;
-    let mut value = u64::from(srtt_us_x8 >> 3);
-    if cfg.milliseconds != 0 {
-        value /= 1000;
+    let value = u64::from(srtt_us_x8 >> 3);
+    Ok(if cfg.milliseconds != 0 {
+        value / 1000
+    } else {
+        value
+    })
+}
+
+/// Adds a sample to the all-traffic histogram. Each array is looked up at a call site of
+/// its own: a lookup whose map is known at verification time is inlined by the kernel,
+/// one that picks the map at run time stays a helper call.
+#[inline(always)]
+fn add_to_all(value: u64) -> Result<(), Skip> {
+    let slot = if matches!(ACTIVE.get(0), Some(1)) {
+        ALL1.get_ptr_mut(0)
+    } else {
+        ALL0.get_ptr_mut(0)
     }
-    if cfg.group_by == group::NONE {
-        let all = match ACTIVE.get(0) {
-            Some(1) => &ALL1,
-            _ => &ALL0,
-        };
-        let slot = all.get_ptr_mut(0).ok_or(Skip::Unreadable)?;
-        // SAFETY: this CPU's own copy of a per-CPU value (see `add_sample`).
-        add_to(unsafe { &mut *slot }, value);
-        return Ok(());
-    }
-    add_sample(&key, value)
+    .ok_or(Skip::Unreadable)?;
+    // SAFETY: this CPU's own copy of a per-CPU value (see `add_sample`).
+    add_to(unsafe { &mut *slot }, value);
+    Ok(())
 }
 
 /// Applies the filters to the socket and fills in its histogram key.
