@@ -4,6 +4,9 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 use ipnet::IpNet;
+use tcprtt_common::family;
+
+use crate::report::{ALL_TRAFFIC, BY_FLOW, BY_LADDR, BY_LPORT, BY_RADDR, BY_RPORT, Grouping};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -146,39 +149,6 @@ fn parse_max_keys(s: &str) -> Result<u32, String> {
     }
 }
 
-/// What the histograms are keyed by.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GroupBy {
-    None,
-    LocalAddr,
-    RemoteAddr,
-    LocalPort,
-    RemotePort,
-    Flow,
-}
-
-impl GroupBy {
-    /// The name used in JSON output.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::None => "none",
-            Self::LocalAddr => "laddr",
-            Self::RemoteAddr => "raddr",
-            Self::LocalPort => "lport",
-            Self::RemotePort => "rport",
-            Self::Flow => "flow",
-        }
-    }
-}
-
-/// Which address families to trace.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Family {
-    Any,
-    V4,
-    V6,
-}
-
 /// The validated run configuration.
 #[derive(Debug)]
 pub struct Options {
@@ -186,8 +156,9 @@ pub struct Options {
     pub raddr: Vec<IpNet>,
     pub lport: Vec<u16>,
     pub rport: Vec<u16>,
-    pub group_by: GroupBy,
-    pub family: Family,
+    pub grouping: Grouping,
+    /// One of the `tcprtt_common::family` constants.
+    pub family: u32,
     pub milliseconds: bool,
     pub interval: Option<Duration>,
     pub duration: Option<Duration>,
@@ -203,12 +174,12 @@ pub struct Options {
 
 /// Checks combinations of arguments; the error is one line naming the bad value and the fix.
 pub fn validate(cli: Cli) -> Result<Options, String> {
-    let groupings: Vec<(&str, GroupBy)> = [
-        (cli.by_laddr, "--by-laddr", GroupBy::LocalAddr),
-        (cli.by_raddr, "--by-raddr", GroupBy::RemoteAddr),
-        (cli.by_lport, "--by-lport", GroupBy::LocalPort),
-        (cli.by_rport, "--by-rport", GroupBy::RemotePort),
-        (cli.by_flow, "--by-flow", GroupBy::Flow),
+    let groupings: Vec<(&str, Grouping)> = [
+        (cli.by_laddr, "--by-laddr", BY_LADDR),
+        (cli.by_raddr, "--by-raddr", BY_RADDR),
+        (cli.by_lport, "--by-lport", BY_LPORT),
+        (cli.by_rport, "--by-rport", BY_RPORT),
+        (cli.by_flow, "--by-flow", BY_FLOW),
     ]
     .into_iter()
     .filter(|(set, _, _)| *set)
@@ -217,8 +188,8 @@ pub fn validate(cli: Cli) -> Result<Options, String> {
     if let [(a, _), (b, _), ..] = groupings[..] {
         return Err(format!("{a} and {b} cannot be combined: pick one grouping"));
     }
-    let group_by = groupings.first().map_or(GroupBy::None, |(_, g)| *g);
-    if let (Some(n), GroupBy::None) = (cli.top, group_by) {
+    let grouping = groupings.first().map_or(ALL_TRAFFIC, |(_, g)| *g);
+    if let (Some(n), ALL_TRAFFIC) = (cli.top, grouping) {
         return Err(format!(
             "--top {n} needs a grouping: add --by-laddr, --by-raddr, --by-lport, --by-rport or --by-flow"
         ));
@@ -227,19 +198,19 @@ pub fn validate(cli: Cli) -> Result<Options, String> {
         return Err("-4 and -6 cannot be combined: leave both out to trace both families".into());
     }
     let family = match (cli.ipv4, cli.ipv6) {
-        (true, _) => Family::V4,
-        (_, true) => Family::V6,
-        _ => Family::Any,
+        (true, _) => family::V4,
+        (_, true) => family::V6,
+        _ => family::ANY,
     };
     for (flag, nets) in [("--laddr", &cli.laddr), ("--raddr", &cli.raddr)] {
         for net in nets.iter() {
             match (family, net) {
-                (Family::V4, IpNet::V6(v6)) if v6.addr().to_ipv4_mapped().is_none() => {
+                (family::V4, IpNet::V6(v6)) if v6.addr().to_ipv4_mapped().is_none() => {
                     return Err(format!(
                         "{flag} {net} is IPv6 but -4 traces IPv4 only: drop -4 or the filter"
                     ));
                 }
-                (Family::V6, IpNet::V4(_)) => {
+                (family::V6, IpNet::V4(_)) => {
                     return Err(format!(
                         "{flag} {net} is IPv4 but -6 traces IPv6 only: drop -6 or the filter"
                     ));
@@ -253,7 +224,7 @@ pub fn validate(cli: Cli) -> Result<Options, String> {
         raddr: cli.raddr,
         lport: cli.lport,
         rport: cli.rport,
-        group_by,
+        grouping,
         family,
         milliseconds: cli.milliseconds,
         interval: cli.interval,
@@ -296,7 +267,7 @@ mod tests {
         assert_eq!(o.raddr.len(), 2);
         assert_eq!(o.raddr[1].prefix_len(), 32);
         assert_eq!(o.lport, vec![443]);
-        assert_eq!(o.group_by, GroupBy::LocalAddr);
+        assert_eq!(o.grouping, BY_LADDR);
         let o = parse(&[
             "--byraddr",
             "-i",
@@ -308,7 +279,7 @@ mod tests {
             "tp-btf",
         ])
         .unwrap();
-        assert_eq!(o.group_by, GroupBy::RemoteAddr);
+        assert_eq!(o.grouping, BY_RADDR);
         assert_eq!(o.interval, Some(Duration::from_millis(500)));
         assert_eq!(o.attach, Attach::TpBtf);
         assert_eq!(o.max_keys, 10240);
