@@ -101,6 +101,12 @@ pub mod family {
     pub const V6: u32 = 6;
 }
 
+/// Bytes of an address-filter key (the data of an LPM-trie key): a family tag
+/// ([`family::V4`] or [`family::V6`], as a byte), the 16-byte address (IPv4 in its
+/// IPv4-mapped form), then three zero bytes that keep the key 4-byte aligned. The tag keeps
+/// an IPv6 prefix such as `::/0` from ever matching an IPv4 socket.
+pub const FILTER_KEY_LEN: usize = 20;
+
 /// Bits of [`ProbeConfig::filters`]: which filter maps the program must consult.
 pub mod filter {
     pub const LADDR: u32 = 1 << 0;

@@ -20,7 +20,8 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, FEntryContext},
 };
 use tcprtt_common::{
-    AF_INET, AF_INET6, HistKey, HistValue, ProbeConfig, family, filter, fine_bucket, group, stat,
+    AF_INET, AF_INET6, FILTER_KEY_LEN, HistKey, HistValue, ProbeConfig, family, filter,
+    fine_bucket, group, stat,
 };
 
 /// `-E2BIG`: what inserting into a full hash map returns.
@@ -63,11 +64,12 @@ static GRACE: ArrayOfMaps<btf_maps::Array<u32, 1>, 1> = ArrayOfMaps::new();
 #[btf_map]
 static GRACE_INNER: btf_maps::Array<u32, 1> = btf_maps::Array::new();
 
-/// Address filters: a segment passes when its address lies in any stored prefix.
+/// Address filters: a segment passes when its family-tagged address lies in any stored
+/// prefix (see `FILTER_KEY_LEN`).
 #[map]
-static LADDRS: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(1, 0);
+static LADDRS: LpmTrie<[u8; FILTER_KEY_LEN], u8> = LpmTrie::with_max_entries(1, 0);
 #[map]
-static RADDRS: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(1, 0);
+static RADDRS: LpmTrie<[u8; FILTER_KEY_LEN], u8> = LpmTrie::with_max_entries(1, 0);
 /// Port filters, host order.
 #[map]
 static LPORTS: HashMap<u16, u8> = HashMap::with_max_entries(1, 0);
@@ -159,9 +161,13 @@ fn is_v4_mapped(addr: &[u8; 16]) -> bool {
     addr[..10].iter().all(|b| *b == 0) && addr[10] == 0xff && addr[11] == 0xff
 }
 
+/// Whether `addr` of family `tag` (`family::V4` or `family::V6`) lies in a prefix of `trie`.
 #[inline(always)]
-fn in_prefixes(trie: &LpmTrie<[u8; 16], u8>, addr: [u8; 16]) -> bool {
-    trie.get(Key::new(128, addr)).is_some()
+fn in_prefixes(trie: &LpmTrie<[u8; FILTER_KEY_LEN], u8>, tag: u32, addr: &[u8; 16]) -> bool {
+    let mut data = [0u8; FILTER_KEY_LEN];
+    data[0] = tag as u8;
+    data[1..17].copy_from_slice(addr);
+    trie.get(Key::new(8 + 128, data)).is_some()
 }
 
 #[inline(always)]
@@ -242,14 +248,14 @@ fn select(sk: *const u8, cfg: &ProbeConfig, key: &mut HistKey) -> Result<(), Ski
         } else {
             AF_INET6
         };
-        let family_ok = match cfg.family {
-            family::V4 => shown_family == AF_INET,
-            family::V6 => shown_family == AF_INET6,
-            _ => true,
+        let tag = if shown_family == AF_INET {
+            family::V4
+        } else {
+            family::V6
         };
-        if !family_ok
-            || (cfg.filters & filter::LADDR != 0 && !in_prefixes(&LADDRS, laddr))
-            || (cfg.filters & filter::RADDR != 0 && !in_prefixes(&RADDRS, raddr))
+        if (cfg.family != family::ANY && cfg.family != tag)
+            || (cfg.filters & filter::LADDR != 0 && !in_prefixes(&LADDRS, tag, &laddr))
+            || (cfg.filters & filter::RADDR != 0 && !in_prefixes(&RADDRS, tag, &raddr))
         {
             return Err(Skip::Filtered);
         }

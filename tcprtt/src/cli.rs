@@ -62,7 +62,8 @@ pub struct Cli {
     /// One histogram per remote port
     #[arg(long = "by-rport")]
     pub by_rport: bool,
-    /// One histogram per connection (local and remote address and port)
+    /// One histogram per connection (local and remote address and port). Connections in
+    /// different network namespaces with the same addresses and ports share one histogram
     #[arg(long = "by-flow")]
     pub by_flow: bool,
     /// With a grouping: only the N keys with the highest average, slowest first
@@ -77,10 +78,10 @@ pub struct Cli {
     /// Milliseconds instead of microseconds
     #[arg(short = 'm', long = "milliseconds")]
     pub milliseconds: bool,
-    /// Print a report every SECS seconds, each counting only its own interval
+    /// Print a report every SECS seconds (0.001 to 31536000), each counting only its own interval
     #[arg(short = 'i', long = "interval", value_name = "SECS", value_parser = parse_secs, allow_negative_numbers = true)]
     pub interval: Option<Duration>,
-    /// Stop after SECS seconds
+    /// Stop after SECS seconds (0.001 to 31536000)
     #[arg(short = 'd', long = "duration", value_name = "SECS", value_parser = parse_secs, allow_negative_numbers = true)]
     pub duration: Option<Duration>,
     /// Print a HH:MM:SS timestamp before each report
@@ -101,7 +102,7 @@ pub struct Cli {
     /// Kernel BTF to resolve struct offsets from [default: /sys/kernel/btf/vmlinux]
     #[arg(long, value_name = "FILE")]
     pub btf: Option<PathBuf>,
-    /// Most distinct addresses kept when grouping; more are counted as dropped
+    /// Most distinct keys kept when grouping (1 to 1000000); more are counted as dropped
     #[arg(long, value_name = "N", default_value_t = 10240, value_parser = parse_max_keys)]
     pub max_keys: u32,
 }
@@ -124,11 +125,17 @@ fn parse_port(s: &str) -> Result<u16, String> {
     }
 }
 
+/// Shortest interval or duration: a timer that fires more often only reports noise.
+const MIN_SECS: f64 = 0.001;
+/// Longest interval or duration: one year, well within what the timers handle.
+const MAX_SECS: f64 = 31_536_000.0;
+
 fn parse_secs(s: &str) -> Result<Duration, String> {
     match s.parse::<f64>() {
-        Ok(secs) if secs > 0.0 && secs.is_finite() && secs < 1e9 => {
-            Ok(Duration::from_secs_f64(secs))
-        }
+        Ok(secs) if (MIN_SECS..=MAX_SECS).contains(&secs) => Ok(Duration::from_secs_f64(secs)),
+        Ok(secs) if secs > 0.0 => Err(format!(
+            "'{s}' is out of range: give seconds from {MIN_SECS} to {MAX_SECS}"
+        )),
         _ => Err(format!(
             "'{s}' is not a positive number of seconds (e.g. 1, 0.5, 30)"
         )),
@@ -142,9 +149,16 @@ fn parse_top(s: &str) -> Result<usize, String> {
     }
 }
 
+/// Most keys a grouping may keep. A key's value is 808 bytes per CPU in each of two maps,
+/// so a million keys on 16 CPUs can reach 24 GiB of kernel memory.
+pub const MAX_KEYS: u32 = 1_000_000;
+
 fn parse_max_keys(s: &str) -> Result<u32, String> {
-    match s.parse::<u32>() {
-        Ok(n) if n > 0 => Ok(n),
+    match s.parse::<u64>() {
+        Ok(n) if (1..=u64::from(MAX_KEYS)).contains(&n) => Ok(n as u32),
+        Ok(n) if n > 0 => Err(format!(
+            "'{s}' is more keys than tcprtt keeps: give a key count from 1 to {MAX_KEYS}"
+        )),
         _ => Err(format!("'{s}' is not a positive key count (e.g. 10240)")),
     }
 }
@@ -170,6 +184,16 @@ pub struct Options {
     pub attach: Attach,
     pub btf: Option<PathBuf>,
     pub max_keys: u32,
+}
+
+/// Whether a prefix matches IPv4 sockets: an IPv4 prefix, or an IPv6 one that lies inside
+/// the IPv4-mapped range `::ffff:0:0/96`. Every other IPv6 prefix, `::/0` included, matches
+/// IPv6 sockets only.
+pub fn is_ipv4_prefix(net: &IpNet) -> bool {
+    match net {
+        IpNet::V4(_) => true,
+        IpNet::V6(v6) => v6.prefix_len() >= 96 && v6.addr().to_ipv4_mapped().is_some(),
+    }
 }
 
 /// Checks combinations of arguments; the error is one line naming the bad value and the fix.
@@ -204,13 +228,13 @@ pub fn validate(cli: Cli) -> Result<Options, String> {
     };
     for (flag, nets) in [("--laddr", &cli.laddr), ("--raddr", &cli.raddr)] {
         for net in nets.iter() {
-            match (family, net) {
-                (family::V4, IpNet::V6(v6)) if v6.addr().to_ipv4_mapped().is_none() => {
+            match (family, is_ipv4_prefix(net)) {
+                (family::V4, false) => {
                     return Err(format!(
                         "{flag} {net} is IPv6 but -4 traces IPv4 only: drop -4 or the filter"
                     ));
                 }
-                (family::V6, IpNet::V4(_)) => {
+                (family::V6, true) => {
                     return Err(format!(
                         "{flag} {net} is IPv4 but -6 traces IPv6 only: drop -6 or the filter"
                     ));
@@ -328,7 +352,47 @@ mod tests {
     }
 
     #[test]
-    fn ipv4_mapped_filters_are_ipv4() {
+    fn ipv4_mapped_prefixes_are_ipv4_and_other_ipv6_prefixes_are_not() {
         assert!(parse(&["-4", "-A", "::ffff:127.0.0.1"]).is_ok());
+        assert!(parse(&["-4", "-A", "::ffff:127.0.0.0/104"]).is_ok());
+        let err = parse(&["-6", "-A", "::ffff:1.2.3.4"]).unwrap_err();
+        assert!(err.contains("is IPv4 but -6"), "{err}");
+        let err = parse(&["-4", "-A", "::/0"]).unwrap_err();
+        assert!(err.contains("::/0 is IPv6 but -4"), "{err}");
+        assert!(parse(&["-6", "-A", "::/0"]).is_ok());
+        assert!(!is_ipv4_prefix(&"::ffff:0:0/95".parse().unwrap()));
+        assert!(is_ipv4_prefix(&"::ffff:0:0/96".parse().unwrap()));
+    }
+
+    #[test]
+    fn times_and_key_counts_have_stated_bounds() {
+        for (args, needle) in [
+            (
+                &["-i", "1e-10"][..],
+                "'1e-10' is out of range: give seconds from 0.001 to 31536000",
+            ),
+            (&["-d", "1e9"], "'1e9' is out of range"),
+            (&["-i", "inf"], "'inf' is out of range"),
+            (&["-d", "NaN"], "'NaN' is not a positive number"),
+            (
+                &["--max-keys", "4294967295"],
+                "give a key count from 1 to 1000000",
+            ),
+            (
+                &["--max-keys", "100000000"],
+                "'100000000' is more keys than tcprtt keeps",
+            ),
+        ] {
+            let err = parse(args).unwrap_err();
+            assert!(err.contains(needle), "{args:?}: {err}");
+        }
+        assert_eq!(
+            parse(&["-i", "0.001"]).unwrap().interval,
+            Some(Duration::from_millis(1))
+        );
+        assert_eq!(
+            parse(&["--max-keys", "1000000"]).unwrap().max_keys,
+            MAX_KEYS
+        );
     }
 }

@@ -6,24 +6,34 @@ mod histogram;
 mod output;
 mod privileges;
 mod report;
+mod signals;
 mod source;
 
-use std::{process::ExitCode, time::Duration};
+use std::{
+    fmt::Display,
+    io::{self, Write},
+    process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, error::ErrorKind};
 use jiff::Timestamp;
-use tokio::{
-    signal::unix::{SignalKind, signal},
-    time::{Instant, MissedTickBehavior, interval_at, sleep_until},
-};
+use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep_until};
 
 use crate::{
     cli::{Cli, Options},
     output::{Format, Written},
-    report::{Meta, Report, Unit},
+    report::{ALL_TRAFFIC, Meta, Report, Unit},
+    signals::Signals,
     source::{Source, srtt::Srtt},
 };
+
+/// Writes one line to stderr. A closed or full stderr is no reason to fail, let alone
+/// panic: the line is lost and the run goes on.
+fn say(line: impl Display) {
+    let _ = writeln!(io::stderr().lock(), "{line}");
+}
 
 /// The eBPF object, built by build.rs; empty when built with `AYA_BUILD_SKIP=1`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcprtt"));
@@ -43,14 +53,14 @@ fn main() -> ExitCode {
         Err(err) => {
             let text = err.render().to_string();
             let first = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("tcprtt: {first} (see --help)");
+            say(format_args!("tcprtt: {first} (see --help)"));
             return ExitCode::from(2);
         }
     };
     let opts = match cli::validate(cli) {
         Ok(opts) => opts,
         Err(msg) => {
-            eprintln!("tcprtt: error: {msg}");
+            say(format_args!("tcprtt: error: {msg}"));
             return ExitCode::from(2);
         }
     };
@@ -59,22 +69,23 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) if verbose => {
             // The whole chain, one cause a line, and any verifier log after it.
-            eprintln!("tcprtt: error: {err}");
+            say(format_args!("tcprtt: error: {err}"));
             for cause in err.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
+                say(format_args!("  caused by: {cause}"));
             }
             ExitCode::from(1)
         }
         Err(err) => {
             let text = format!("{err:#}");
             let first = text.lines().next().unwrap_or_default();
-            eprintln!("tcprtt: error: {first}");
+            say(format_args!("tcprtt: error: {first}"));
             ExitCode::from(1)
         }
     }
 }
 
 fn run(opts: Options) -> Result<()> {
+    let signals = Signals::install()?;
     if OBJECT.is_empty() {
         bail!(
             "this tcprtt was built without its eBPF program (AYA_BUILD_SKIP was set): \
@@ -87,21 +98,60 @@ fn run(opts: Options) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(trace(opts))
+    runtime.block_on(trace(opts, signals))
 }
 
-async fn trace(opts: Options) -> Result<()> {
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    // Run-time statistics cost every BPF program a clock read, so only -v turns them on,
-    // and only while tcprtt runs (the kernel keeps them on while this fd is open).
-    let stats = opts
-        .verbose
-        .then(|| aya::sys::enable_stats(aya::sys::Stats::RunTime))
-        .transpose()
-        .context("enabling BPF run-time statistics for -v")?;
+/// Run-time statistics cost every BPF program a clock read, so only -v turns them on, and
+/// only while tcprtt runs (the kernel keeps them on while the returned fd is open). They
+/// need CAP_SYS_ADMIN; without it -v reports everything else.
+fn enable_run_time_stats() -> Result<Option<std::os::fd::OwnedFd>> {
+    match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(err) if err.io_error.raw_os_error() == Some(libc::EPERM) => {
+            say(
+                "tcprtt: -v: run-time statistics need CAP_SYS_ADMIN, so events seen and the \
+                 in-kernel cost are not measured",
+            );
+            Ok(None)
+        }
+        Err(err) => Err(err).context("enabling BPF run-time statistics for -v"),
+    }
+}
+
+/// Kernel memory the grouped histogram maps can grow to, when it is worth a word.
+fn large_map_memory(opts: &Options) -> Option<String> {
+    const WORTH_SAYING: u64 = 256 << 20;
+    if opts.grouping == ALL_TRAFFIC {
+        return None;
+    }
+    let cpus = aya::util::nr_cpus().ok()? as u64;
+    // Two maps; per key its hash-table element, the key, and a value per possible CPU.
+    let per_key = 64
+        + size_of::<tcprtt_common::HistKey>() as u64
+        + cpus * size_of::<tcprtt_common::HistValue>() as u64;
+    let bytes = 2 * u64::from(opts.max_keys) * per_key;
+    (bytes >= WORTH_SAYING).then(|| {
+        format!(
+            "tcprtt: the histogram maps can take up to {} MiB of kernel memory \
+             (--max-keys {} on {cpus} CPUs)",
+            bytes >> 20,
+            opts.max_keys
+        )
+    })
+}
+
+async fn trace(opts: Options, mut signals: Signals) -> Result<()> {
     let mut source: Box<dyn Source> = Box::new(Srtt::load(&opts, OBJECT)?);
-    eprintln!("{}", source.banner());
+    say(source.banner());
+    if let Some(line) = large_map_memory(&opts) {
+        say(line);
+    }
+    let stats = if opts.verbose {
+        enable_run_time_stats()?
+    } else {
+        None
+    };
+    signals.tracing();
 
     let start = Instant::now();
     let mut reporter = Reporter {
@@ -121,8 +171,7 @@ async fn trace(opts: Options) -> Result<()> {
     let finished = loop {
         tokio::select! {
             biased;
-            _ = sigint.recv() => break true,
-            _ = sigterm.recv() => break true,
+            _ = signals.recv() => break true,
             _ = sleep_until(deadline.unwrap_or(start)), if deadline.is_some() => break true,
             _ = drainer.tick() => source.drain()?,
             _ = ticker.tick(), if opts.interval.is_some() => {
@@ -135,8 +184,8 @@ async fn trace(opts: Options) -> Result<()> {
     if finished {
         reporter.report(source.as_mut())?;
     }
-    if stats.is_some() {
-        eprintln!("{}", source.self_report()?);
+    if opts.verbose {
+        say(source.self_report(stats.is_some())?);
     }
     // Dropping the source detaches its programs and frees its maps.
     drop(source);

@@ -10,8 +10,12 @@ use aya::{
     maps::{HashMap, LpmTrie, lpm_trie::Key},
 };
 use ipnet::IpNet;
+use tcprtt_common::{FILTER_KEY_LEN, family};
 
-use crate::report::{Losses, Row};
+use crate::{
+    cli::is_ipv4_prefix,
+    report::{Losses, Row},
+};
 
 /// What a source measured over one interval.
 pub struct Taken {
@@ -30,8 +34,9 @@ pub trait Source {
     fn drain(&mut self) -> Result<()>;
     /// Everything measured since the previous call.
     fn take(&mut self) -> Result<Taken>;
-    /// The `-v` summary: what the programs saw and, with run-time statistics, their cost.
-    fn self_report(&self) -> Result<String>;
+    /// The `-v` summary: what the programs saw and, with run-time statistics on, what they
+    /// cost.
+    fn self_report(&self, stats_on: bool) -> Result<String>;
 }
 
 /// A map of the loaded object, as the aya type `T`.
@@ -45,20 +50,27 @@ pub fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     T::try_from(map).with_context(|| format!("opening map {name}"))
 }
 
-/// The key an address prefix is stored under: IPv4 goes in its IPv4-mapped IPv6 form.
-pub fn filter_key(net: &IpNet) -> Key<[u8; 16]> {
-    match net {
-        IpNet::V4(v4) => Key::new(
-            96 + u32::from(v4.prefix_len()),
-            v4.addr().to_ipv6_mapped().octets(),
-        ),
-        IpNet::V6(v6) => Key::new(u32::from(v6.prefix_len()), v6.addr().octets()),
-    }
+/// The key an address prefix is stored under: a family tag, then the address with IPv4 in
+/// its IPv4-mapped IPv6 form (see `FILTER_KEY_LEN`). An IPv4-mapped IPv6 prefix is IPv4.
+pub fn filter_key(net: &IpNet) -> Key<[u8; FILTER_KEY_LEN]> {
+    let (addr, bits) = match net {
+        IpNet::V4(v4) => (v4.addr().to_ipv6_mapped(), 96 + u32::from(v4.prefix_len())),
+        IpNet::V6(v6) => (v6.addr(), u32::from(v6.prefix_len())),
+    };
+    let tag = if is_ipv4_prefix(net) {
+        family::V4
+    } else {
+        family::V6
+    };
+    let mut data = [0; FILTER_KEY_LEN];
+    data[0] = tag as u8;
+    data[1..17].copy_from_slice(&addr.octets());
+    Key::new(8 + bits, data)
 }
 
 /// Stores address prefixes in the LPM-trie filter map `name`.
 pub fn fill_prefixes(ebpf: &mut Ebpf, name: &str, nets: &[IpNet]) -> Result<()> {
-    let mut trie: LpmTrie<_, [u8; 16], u8> = LpmTrie::try_from(
+    let mut trie: LpmTrie<_, [u8; FILTER_KEY_LEN], u8> = LpmTrie::try_from(
         ebpf.map_mut(name)
             .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?,
     )?;
@@ -87,12 +99,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ipv4_prefixes_become_ipv4_mapped_keys() {
+    fn prefixes_are_tagged_with_their_family() {
         let k = filter_key(&"127.0.0.0/8".parse().unwrap());
-        assert_eq!(k.prefix_len(), 104);
-        assert_eq!(k.data()[10..13], [0xff, 0xff, 127]);
+        assert_eq!(k.prefix_len(), 8 + 104);
+        assert_eq!(k.data()[..1], [4]);
+        assert_eq!(k.data()[11..14], [0xff, 0xff, 127]);
+        let k = filter_key(&"::ffff:127.0.0.0/104".parse().unwrap());
+        assert_eq!(
+            (k.prefix_len(), k.data()),
+            (8 + 104, filter_key(&"127.0.0.0/8".parse().unwrap()).data())
+        );
         let k = filter_key(&"2001:db8::/32".parse().unwrap());
-        assert_eq!(k.prefix_len(), 32);
-        assert_eq!(k.data()[..4], [0x20, 0x01, 0x0d, 0xb8]);
+        assert_eq!(k.prefix_len(), 8 + 32);
+        assert_eq!(k.data()[..5], [6, 0x20, 0x01, 0x0d, 0xb8]);
+        let k = filter_key(&"::/0".parse().unwrap());
+        assert_eq!((k.prefix_len(), k.data()[0]), (8, 6));
     }
 }

@@ -17,7 +17,7 @@ use tcprtt_common::{ProbeConfig, filter, stat};
 
 use super::{Source, Taken, double_buffer::DoubleBuffer, fill_ports, fill_prefixes};
 use crate::{
-    btf::KernelBtf,
+    btf::{self, KernelBtf},
     cli::{Attach, Options},
     report::{ALL_TRAFFIC, Grouping, Key, Losses, Row, Source as RowSource},
 };
@@ -204,10 +204,13 @@ impl Srtt {
     /// hook `opts.attach` allows that the kernel accepts.
     pub fn load(opts: &Options, object: &[u8]) -> Result<Self> {
         let path = btf_path(opts)?;
-        let offsets = socket_offsets(&KernelBtf::from_file(&path)?)
-            .context("resolving socket field offsets from BTF")?;
-        let btf = Btf::parse_file(&path, aya::Endianness::default())
+        let data = btf::read_file(&path)?;
+        let offsets = KernelBtf::parse(&data)
+            .and_then(|kernel| socket_offsets(&kernel))
+            .with_context(|| format!("resolving socket field offsets from {}", path.display()))?;
+        let btf = Btf::parse(&data, aya::Endianness::default())
             .with_context(|| format!("parsing BTF in {}", path.display()))?;
+        drop(data);
         let config = probe_config(opts, offsets);
         let hist_entries = if opts.grouping == ALL_TRAFFIC {
             1
@@ -377,21 +380,31 @@ impl Source for Srtt {
         })
     }
 
-    fn self_report(&self) -> Result<String> {
-        let info = self.program_info()?;
-        let runs = info.run_count();
-        let ns = info.run_time().as_nanos();
-        let per_event = if runs == 0 {
-            "no runs".to_string()
-        } else {
-            format!("{:.1} ns per event", ns as f64 / runs as f64)
-        };
+    fn self_report(&self, stats_on: bool) -> Result<String> {
         let c = self.totals;
+        let (seen, cost) = if stats_on {
+            let info = self.program_info()?;
+            let runs = info.run_count();
+            let ns = info.run_time().as_nanos();
+            let per_event = if runs == 0 {
+                "no runs".to_string()
+            } else {
+                format!("{:.1} ns per event", ns as f64 / runs as f64)
+            };
+            (
+                c.seen.to_string(),
+                format!("{per_event} ({ns} ns over {runs} runs)"),
+            )
+        } else {
+            (
+                "not counted".to_string(),
+                "not measured (run-time statistics need CAP_SYS_ADMIN)".to_string(),
+            )
+        };
         Ok(format!(
-            "tcprtt: attach point {}; events seen {}, matched {}, dropped {}, \
-             dropped for lack of memory {}, unreadable {}, missed {}; in-kernel cost {per_event} \
-             ({ns} ns over {runs} runs)",
-            self.hook.name, c.seen, c.matched, c.dropped, c.no_memory, c.unreadable, c.missed
+            "tcprtt: attach point {}; events seen {seen}, matched {}, dropped {}, \
+             dropped for lack of memory {}, unreadable {}, missed {}; in-kernel cost {cost}",
+            self.hook.name, c.matched, c.dropped, c.no_memory, c.unreadable, c.missed
         ))
     }
 }
@@ -423,7 +436,8 @@ mod tests {
     #[test]
     fn resolves_every_socket_field_in_the_running_kernel() {
         let path = Path::new(DEFAULT_BTF);
-        let cfg = socket_offsets(&KernelBtf::from_file(path).unwrap()).unwrap();
+        let data = btf::read_file(path).unwrap();
+        let cfg = socket_offsets(&KernelBtf::parse(&data).unwrap()).unwrap();
         let dump = std::process::Command::new("bpftool")
             .args(["-j", "btf", "dump", "file", DEFAULT_BTF, "format", "raw"])
             .output()
