@@ -1,7 +1,9 @@
 //! Bad input and refused resources: exit code 2 for usage errors and 1 for runtime
 //! errors, each with one line on stderr that names the value and the fix.
 
-use tcprtt_tests::kit::{assert_one_line_error, no_ebpf_bin, run};
+use std::time::Duration;
+
+use tcprtt_tests::kit::{assert_one_line_error, bin, no_ebpf_bin, run, try_run_within};
 
 #[test]
 fn usage_errors_exit_2_naming_the_value() {
@@ -81,4 +83,41 @@ fn a_binary_built_without_its_ebpf_program_says_how_to_build_one() {
         "tcprtt: error: this tcprtt was built without its eBPF program (AYA_BUILD_SKIP was set): \
          rebuild with `cargo xtask build`\n"
     );
+}
+
+/// Values clap parses but tcprtt cannot honour, and prefixes whose family contradicts
+/// -4/-6: usage errors naming the value and the accepted range or the conflict.
+#[test]
+fn out_of_range_values_and_family_conflicts_exit_2_naming_them() {
+    let secs = "from 0.001 to 31536000";
+    let keys = "from 1 to 1000000";
+    let wrong: Vec<String> = [
+        (&["-i", "1e-10"][..], vec!["'1e-10'", secs]),
+        (&["-d", "1e-10"], vec!["'1e-10'", secs]),
+        (&["-i", "0.0000001"], vec!["'0.0000001'", secs]),
+        (&["-d", "1e9"], vec!["'1e9'", secs]),
+        (&["-i", "1e300"], vec!["'1e300'", secs]),
+        (&["--max-keys", "100000000"], vec!["'100000000'", keys]),
+        (&["--max-keys", "4294967295"], vec!["'4294967295'", keys]),
+        (&["-A", "::/0", "-4"], vec!["::/0", "IPv6 but -4"]),
+        (
+            &["-A", "::ffff:1.2.3.4", "-6"],
+            vec!["1.2.3.4", "IPv4 but -6"],
+        ),
+    ]
+    .iter()
+    .filter_map(|(args, needles)| {
+        // A value accepted by mistake would start a run that never ends.
+        let mut command = std::process::Command::new(bin());
+        command.args(*args);
+        match try_run_within(command, Duration::from_secs(5)) {
+            Ok(out) => needles
+                .iter()
+                .find_map(|needle| out.one_line_error_mismatch(2, needle))
+                .map(|why| format!("{args:?}: {why}")),
+            Err(why) => Some(why),
+        }
+    })
+    .collect();
+    assert!(wrong.is_empty(), "{wrong:#?}");
 }

@@ -15,5 +15,8 @@ mod traffic;
 pub use echo::EchoServer;
 pub use kernel::{Loaded, orphaned_programs};
 pub use output::{Printed, labels, parse_histograms};
-pub use tracer::{Finished, Tracer, assert_one_line_error, bin, no_ebpf_bin, run, run_command};
+pub use tracer::{
+    Finished, Tracer, assert_one_line_error, bin, no_ebpf_bin, run, run_command, run_within,
+    try_run_within, wait_for,
+};
 pub use traffic::{Conn, Load, ip, ping_pong, ping_pong_parallel, round_trips_each, sock_addr};

@@ -63,16 +63,28 @@ impl Finished {
     /// Asserts the run failed with exit `code` and one stderr line holding `needle`,
     /// nothing on stdout and no panic.
     pub fn assert_one_line_error(&self, what: &str, code: i32, needle: &str) {
-        assert_eq!(self.status.code(), Some(code), "{what}: {self:?}");
-        assert!(self.stdout.is_empty(), "{what} printed to stdout: {self:?}");
+        if let Some(why) = self.one_line_error_mismatch(code, needle) {
+            panic!("{what}: {why}");
+        }
+    }
+
+    /// What differs from a failure with exit `code` and one stderr line holding
+    /// `needle` (and nothing on stdout, no panic); None if nothing does.
+    pub fn one_line_error_mismatch(&self, code: i32, needle: &str) -> Option<String> {
         let lines: Vec<&str> = self.stderr.lines().collect();
-        assert_eq!(lines.len(), 1, "{what}: not one line: {:?}", self.stderr);
-        assert!(
-            lines[0].contains(needle),
-            "{what}: {:?} lacks {needle:?}",
-            lines[0]
-        );
-        assert!(!self.stderr.contains("panicked"), "{what}: {self:?}");
+        if self.status.code() != Some(code) {
+            Some(format!("exit {:?}, not {code}: {self:?}", self.status))
+        } else if !self.stdout.is_empty() {
+            Some(format!("printed to stdout: {self:?}"))
+        } else if lines.len() != 1 {
+            Some(format!("not one line: {:?}", self.stderr))
+        } else if !lines[0].contains(needle) {
+            Some(format!("{:?} lacks {needle:?}", lines[0]))
+        } else if self.stderr.contains("panicked") {
+            Some(format!("panicked: {self:?}"))
+        } else {
+            None
+        }
     }
 }
 
@@ -91,15 +103,62 @@ pub fn run(args: &[&str]) -> Finished {
 
 /// Runs a prepared command (tcprtt, or a wrapper such as setpriv that execs it) to
 /// completion, stdin closed, stdout and stderr captured.
-pub fn run_command(mut command: Command) -> Finished {
-    let out = command
+pub fn run_command(command: Command) -> Finished {
+    run_within(command, EXIT_LIMIT)
+}
+
+/// The same, failing the test (after killing the process) when it has not ended
+/// within `limit`: for runs that must not hang.
+pub fn run_within(command: Command, limit: Duration) -> Finished {
+    try_run_within(command, limit).unwrap_or_else(|why| panic!("{why}"))
+}
+
+/// The same, saying so (after killing the process) when it has not ended within `limit`.
+pub fn try_run_within(mut command: Command, limit: Duration) -> Result<Finished, String> {
+    let what = format!("{command:?}");
+    let mut child = command
         .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("running {command:?}: {e}"));
-    Finished {
-        status: out.status,
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("running {what}: {e}"));
+    let readers = [
+        child.stdout.take().map(read_all),
+        child.stderr.take().map(read_all),
+    ];
+    let Some(status) = wait_for(&mut child, limit) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(format!("{what} did not exit within {limit:?}"));
+    };
+    let [stdout, stderr] =
+        readers.map(|r| r.map_or_else(String::new, |r| r.join().expect("reader")));
+    Ok(Finished {
+        status,
+        stdout,
+        stderr,
+    })
+}
+
+fn read_all(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
+}
+
+/// The child's exit status, or None if it is still running after `limit`.
+pub fn wait_for(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("waiting for tcprtt") {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -229,19 +288,17 @@ impl Tracer {
     }
 
     /// Waits (at most 30 s) for tcprtt to exit by itself.
-    pub fn wait(mut self) -> Finished {
+    pub fn wait(self) -> Finished {
+        self.wait_within(EXIT_LIMIT)
+    }
+
+    /// Waits for tcprtt to exit; fails the test (and kills it) after `limit`.
+    pub fn wait_within(mut self, limit: Duration) -> Finished {
         let mut child = self.child.take().expect("running");
-        let deadline = Instant::now() + EXIT_LIMIT;
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("waiting for tcprtt") {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("tcprtt did not exit within {EXIT_LIMIT:?}");
-            }
-            thread::sleep(Duration::from_millis(20));
+        let Some(status) = wait_for(&mut child, limit) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("tcprtt did not exit within {limit:?}");
         };
         let stdout =
             match std::mem::replace(&mut self.stdout, Stdout::Read(thread::spawn(String::new))) {
