@@ -273,3 +273,78 @@ fn cidr_and_port_filters_keep_exactly_the_intended_delayed_connection() {
         }
     }
 }
+
+/// One rule for prefixes: an IPv6 prefix matches IPv6 sockets only, unless it is an
+/// IPv4-mapped prefix (within ::ffff:0:0/96), which matches the IPv4 addresses it maps;
+/// IPv4-mapped sockets count as IPv4.
+#[test]
+fn an_ipv6_prefix_matches_ipv6_sockets_only_unless_it_maps_ipv4() {
+    let v4 = EchoServer::on("127.3.2.17");
+    let v6 = EchoServer::on("::1");
+    let traffic = || {
+        thread::scope(|s| {
+            s.spawn(|| ping_pong(sock_addr("127.3.2.18", 0), v4.addr, 150));
+            s.spawn(|| ping_pong(sock_addr("::1", 0), v6.addr, 150));
+            s.spawn(|| {
+                let mapped = SocketAddr::new(ip("::ffff:127.3.2.17"), v4.addr.port());
+                ping_pong(sock_addr("::ffff:127.3.2.19", 0), mapped, 150)
+            });
+        })
+    };
+
+    let tracer = Tracer::start(&["-B", "-A", "::/0"]);
+    traffic();
+    let out = tracer.stop_with(libc::SIGINT);
+    assert!(out.status.success(), "{out:?}");
+    let hists = parse_histograms(&out.stdout);
+    let loopback = hists
+        .iter()
+        .find(|h| h.label == "Remote Address = ::1")
+        .unwrap_or_else(|| panic!("no ::1 histogram: {}", out.stdout));
+    assert!(loopback.count() >= 150, "{}", out.stdout);
+    assert!(
+        hists.iter().all(|h| h.label.contains(':')),
+        "::/0 let IPv4 through: {}",
+        out.stdout
+    );
+
+    let tracer = Tracer::start(&["-B", "-4", "-A", "::ffff:127.3.2.16/126"]);
+    traffic();
+    let out = tracer.stop_with(libc::SIGINT);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        labels(&out.stdout),
+        [
+            "Remote Address = 127.3.2.17",
+            "Remote Address = 127.3.2.18",
+            "Remote Address = 127.3.2.19"
+        ],
+        "{}",
+        out.stdout
+    );
+    // Two clients, one of them on an IPv4-mapped socket, talk to .17.
+    assert!(
+        parse_histograms(&out.stdout)[0].count() >= 300,
+        "{}",
+        out.stdout
+    );
+
+    // The contract's own example: all of 127.0.0.0/8, written as a mapped prefix.
+    let tracer = Tracer::start(&["-A", "::ffff:127.0.0.0/104", "-4", "-B"]);
+    ping_pong(sock_addr("127.3.2.18", 0), v4.addr, 150);
+    let out = tracer.stop_with(libc::SIGINT);
+    assert!(out.status.success(), "{out:?}");
+    let hists = parse_histograms(&out.stdout);
+    assert!(
+        hists
+            .iter()
+            .any(|h| h.label == "Remote Address = 127.3.2.17" && h.count() >= 150),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        hists.iter().all(|h| !h.label.contains(':')),
+        "rows must print as IPv4: {}",
+        out.stdout
+    );
+}

@@ -79,19 +79,24 @@ impl Loaded {
     }
 }
 
-/// tcprtt programs (named `tcprtt_*`) that no process holds open: left behind, unless
-/// the kernel is about to free them. Ids in `known` (leftovers from before) are ignored.
-/// Waits a few seconds for the ones being freed.
-pub fn orphaned_programs(known: &BTreeSet<u32>) -> BTreeSet<u32> {
+/// tcprtt programs (named `tcprtt_*`) that no process holds open now: left behind, or
+/// about to be freed by the kernel.
+pub fn orphans() -> BTreeSet<u32> {
+    let held = held_by_anyone();
+    tcprtt_programs()
+        .into_iter()
+        .filter(|id| !held.contains(id))
+        .collect()
+}
+
+/// Orphans (see [`orphans`]) not in `known` that are still there after the few
+/// seconds the kernel may take to free a program: tcprtt programs left behind.
+pub fn new_orphans(known: &BTreeSet<u32>) -> BTreeSet<u32> {
     let deadline = Instant::now() + FREE_LIMIT;
     loop {
-        let held = held_by_anyone();
-        let orphans: BTreeSet<u32> = tcprtt_programs()
-            .into_iter()
-            .filter(|id| !held.contains(id) && !known.contains(id))
-            .collect();
-        if orphans.is_empty() || Instant::now() > deadline {
-            return orphans;
+        let new: BTreeSet<u32> = orphans().difference(known).copied().collect();
+        if new.is_empty() || Instant::now() > deadline {
+            return new;
         }
         thread::sleep(Duration::from_millis(50));
     }

@@ -13,7 +13,7 @@ mod tracer;
 mod traffic;
 
 pub use echo::EchoServer;
-pub use kernel::{Loaded, orphaned_programs};
+pub use kernel::{Loaded, new_orphans, orphans};
 pub use output::{Printed, labels, parse_histograms};
 pub use tracer::{
     Finished, Tracer, assert_one_line_error, bin, no_ebpf_bin, run, run_command, run_within,

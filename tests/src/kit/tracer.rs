@@ -274,6 +274,24 @@ impl Tracer {
         Loaded::held_by(self.pid())
     }
 
+    /// Whether one of tcprtt's threads sleeps in a write to a pipe that has no room
+    /// (its kernel wait channel is `pipe_write`, `anon_pipe_write` on newer kernels).
+    pub fn blocked_writing_a_pipe(&self) -> bool {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid())) else {
+            return false;
+        };
+        tasks.flatten().any(|task| {
+            std::fs::read_to_string(task.path().join("wchan"))
+                .is_ok_and(|wchan| wchan.trim().ends_with("pipe_write"))
+        })
+    }
+
+    /// Whether tcprtt is still running (not yet exited).
+    pub fn is_running(&mut self) -> bool {
+        let child = self.child.as_mut().expect("not waited for");
+        child.try_wait().expect("waiting for tcprtt").is_none()
+    }
+
     /// Sends `signal` without waiting.
     pub fn signal(&self, signal: i32) {
         // SAFETY: signalling our own child by pid.
