@@ -1,12 +1,15 @@
 //! Command-line arguments and the checks clap cannot express.
 
-use std::{path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 use ipnet::IpNet;
 use tcprtt_common::family;
 
-use crate::report::{ALL_TRAFFIC, BY_FLOW, BY_LADDR, BY_LPORT, BY_RADDR, BY_RPORT, Grouping};
+use crate::{
+    output::prometheus::PrometheusOptions,
+    report::{ALL_TRAFFIC, BY_FLOW, BY_LADDR, BY_LPORT, BY_RADDR, BY_RPORT, Grouping, Unit},
+};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -21,7 +24,8 @@ Examples:
   sudo tcprtt -B -6                 # one histogram per remote IPv6 address
   sudo tcprtt -e                    # add count, min, max and percentiles
   sudo tcprtt --by-flow --top 10    # the 10 connections with the highest average RTT
-  sudo tcprtt --json -i 10          # one JSON object per line every 10 s, for scripts";
+  sudo tcprtt --json -i 10          # one JSON object per line every 10 s, for scripts
+  sudo tcprtt -B --prometheus 127.0.0.1:9464   # serve /metrics for Prometheus";
 
 /// Where to hook `tcp_rcv_established`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -93,6 +97,16 @@ pub struct Cli {
     /// One JSON object per report on stdout (NDJSON) instead of text
     #[arg(long)]
     pub json: bool,
+    /// Serve cumulative histograms for Prometheus at http://ADDR/metrics (e.g. 127.0.0.1:9464
+    /// or [::]:9464); reports on stdout go on as usual
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+    pub prometheus: Option<SocketAddr>,
+    /// With --prometheus: bucket edges at every fine bucket (193) instead of the 27 bcc rows
+    #[arg(long)]
+    pub prometheus_fine_buckets: bool,
+    /// With --prometheus: series without a sample for SECS leave the exposition [default: 600]
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    pub key_ttl: Option<Duration>,
     /// At the end, print event counts and the in-kernel cost per event on stderr
     #[arg(short = 'v', long)]
     pub verbose: bool,
@@ -142,6 +156,15 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
     }
 }
 
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| {
+        format!("'{s}' is not a listen address: give IP:PORT, e.g. 127.0.0.1:9464 or [::]:9464")
+    })
+}
+
+/// How long an idle series stays in the Prometheus exposition by default.
+const DEFAULT_KEY_TTL: Duration = Duration::from_secs(600);
+
 fn parse_top(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(n) if n > 0 => Ok(n),
@@ -180,6 +203,7 @@ pub struct Options {
     pub extension: bool,
     pub top: Option<usize>,
     pub json: bool,
+    pub prometheus: Option<PrometheusOptions>,
     pub verbose: bool,
     pub attach: Attach,
     pub btf: Option<PathBuf>,
@@ -193,6 +217,17 @@ pub fn is_ipv4_prefix(net: &IpNet) -> bool {
     match net {
         IpNet::V4(_) => true,
         IpNet::V6(v6) => v6.prefix_len() >= 96 && v6.addr().to_ipv4_mapped().is_some(),
+    }
+}
+
+impl Options {
+    /// The unit every recorded value is in.
+    pub fn unit(&self) -> Unit {
+        if self.milliseconds {
+            Unit::Millis
+        } else {
+            Unit::Micros
+        }
     }
 }
 
@@ -217,6 +252,14 @@ pub fn validate(cli: Cli) -> Result<Options, String> {
         return Err(format!(
             "--top {n} needs a grouping: add --by-laddr, --by-raddr, --by-lport, --by-rport or --by-flow"
         ));
+    }
+    if cli.prometheus.is_none() {
+        if cli.prometheus_fine_buckets {
+            return Err("--prometheus-fine-buckets needs --prometheus ADDR".into());
+        }
+        if cli.key_ttl.is_some() {
+            return Err("--key-ttl needs --prometheus ADDR".into());
+        }
     }
     if cli.ipv4 && cli.ipv6 {
         return Err("-4 and -6 cannot be combined: leave both out to trace both families".into());
@@ -257,6 +300,12 @@ pub fn validate(cli: Cli) -> Result<Options, String> {
         extension: cli.extension,
         top: cli.top,
         json: cli.json,
+        prometheus: cli.prometheus.map(|addr| PrometheusOptions {
+            addr,
+            fine_buckets: cli.prometheus_fine_buckets,
+            ttl: cli.key_ttl.unwrap_or(DEFAULT_KEY_TTL),
+            max_series: cli.max_keys,
+        }),
         verbose: cli.verbose,
         attach: cli.attach,
         btf: cli.btf,
@@ -332,6 +381,12 @@ mod tests {
                 "--by-lport and --by-flow cannot be combined",
             ),
             (&["--top", "5"], "--top 5 needs a grouping"),
+            (&["--key-ttl", "5"], "--key-ttl needs --prometheus ADDR"),
+            (
+                &["--prometheus-fine-buckets"],
+                "--prometheus-fine-buckets needs --prometheus",
+            ),
+            (&["--prometheus", "9464"], "'9464' is not a listen address"),
             (
                 &["--by-flow", "--top", "0"],
                 "'0' is not a positive number of keys",

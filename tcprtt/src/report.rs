@@ -2,6 +2,7 @@
 //! histogram, plus what the report covers and what could not be counted.
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::Duration,
 };
@@ -12,7 +13,7 @@ use tcprtt_common::{AF_INET, AF_INET6, HistKey, group};
 use crate::histogram::Histogram;
 
 /// Where a row's samples were measured.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Source {
     /// The kernel's smoothed RTT of local sockets (`tcp_sock.srtt_us`).
     Srtt,
@@ -81,7 +82,7 @@ pub const BY_FLOW: Grouping = Grouping {
 };
 
 /// Address family of a key, as users name it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Family {
     Ipv4,
     Ipv6,
@@ -99,7 +100,7 @@ impl Family {
 /// A decoded histogram key: the parts of a connection its grouping keeps, `None` for the
 /// rest. The field order is the listing order: local before remote, IPv4 before IPv6,
 /// addresses and ports numerically.
-#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Key {
     pub laddr: Option<IpAddr>,
     pub lport: Option<u16>,
@@ -154,6 +155,44 @@ pub struct Losses {
     pub no_memory: u64,
     /// Segments the kernel skipped the program for (it was already running on that CPU).
     pub missed: u64,
+}
+
+impl Losses {
+    pub fn add(&mut self, other: Losses) {
+        self.dropped += other.dropped;
+        self.no_memory += other.no_memory;
+        self.missed += other.missed;
+    }
+}
+
+/// What the sources handed over since the last report: the kernel is drained more often
+/// than reports are printed.
+#[derive(Debug, Default)]
+pub struct Pending {
+    rows: HashMap<(Source, Key), Histogram>,
+    losses: Losses,
+}
+
+impl Pending {
+    pub fn add(&mut self, rows: &[Row], losses: Losses) {
+        for row in rows {
+            self.rows
+                .entry((row.source, row.key.clone()))
+                .or_default()
+                .absorb(&row.hist);
+        }
+        self.losses.add(losses);
+    }
+
+    /// Everything added since the last call.
+    pub fn take(&mut self) -> (Vec<Row>, Losses) {
+        let rows = self
+            .rows
+            .drain()
+            .map(|((source, key), hist)| Row { source, key, hist })
+            .collect();
+        (rows, std::mem::take(&mut self.losses))
+    }
 }
 
 /// Unit of every value in a report.
@@ -246,6 +285,36 @@ pub mod fixtures {
         }
     }
 
+    /// A connection 127.0.0.1:80 -> 127.0.0.2:4000.
+    pub fn flow_v4() -> HistKey {
+        HistKey {
+            family: AF_INET,
+            lport: 80,
+            rport: 4000,
+            laddr: mapped([127, 0, 0, 1]),
+            raddr: mapped([127, 0, 0, 2]),
+            reserved: 0,
+        }
+    }
+
+    /// A connection [2001:db8::1]:443 -> [2001:db8::2]:51000.
+    pub fn flow_v6() -> HistKey {
+        HistKey {
+            family: AF_INET6,
+            lport: 443,
+            rport: 51000,
+            laddr: "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets(),
+            raddr: "2001:db8::2".parse::<Ipv6Addr>().unwrap().octets(),
+            reserved: 0,
+        }
+    }
+
+    /// An expected output, checked in under tcprtt/tests/golden.
+    pub fn golden(name: &str) -> String {
+        let path = format!("{}/tests/golden/{name}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
     pub fn v6(raddr: &str) -> HistKey {
         HistKey {
             family: AF_INET6,
@@ -261,14 +330,7 @@ mod tests {
 
     #[test]
     fn decoding_keeps_only_the_grouped_fields_and_unmaps_ipv4() {
-        let raw = HistKey {
-            family: AF_INET,
-            lport: 80,
-            rport: 4000,
-            laddr: mapped([127, 0, 0, 1]),
-            raddr: mapped([127, 0, 0, 2]),
-            reserved: 0,
-        };
+        let raw = flow_v4();
         let k = Key::decode(BY_RADDR, &raw);
         assert_eq!(k.raddr, Some("127.0.0.2".parse().unwrap()));
         assert_eq!((k.laddr, k.lport, k.rport), (None, None, None));
@@ -279,6 +341,30 @@ mod tests {
         let k = Key::decode(BY_FLOW, &raw);
         assert_eq!(k.laddr, Some("127.0.0.1".parse().unwrap()));
         assert_eq!((k.lport, k.rport), (Some(80), Some(4000)));
+    }
+
+    #[test]
+    fn pending_rows_merge_by_key_until_taken() {
+        let mut pending = Pending::default();
+        let losses = Losses {
+            dropped: 1,
+            no_memory: 0,
+            missed: 2,
+        };
+        pending.add(&[row(BY_RADDR, v4([127, 0, 0, 2]), &[5, 7])], losses);
+        pending.add(
+            &[
+                row(BY_RADDR, v4([127, 0, 0, 2]), &[900]),
+                row(BY_RADDR, v6("::1"), &[3]),
+            ],
+            losses,
+        );
+        let (mut rows, taken) = pending.take();
+        rows.sort_by(|a, b| a.key.cmp(&b.key));
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].hist, Histogram::from_samples([5, 7, 900]));
+        assert_eq!((taken.dropped, taken.missed), (2, 4));
+        assert_eq!(pending.take().0, vec![]);
     }
 
     #[test]
