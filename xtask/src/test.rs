@@ -1,5 +1,5 @@
-//! `cargo xtask test` (what CI runs): fmt, clippy, unit tests, then the end-to-end tests
-//! against the running kernel.
+//! `cargo xtask test` (what CI runs): fmt, clippy, unit tests, the end-to-end tests
+//! against the running kernel, then `vm-test` on Debian's 6.1 and 6.12 kernels.
 
 use std::fs;
 
@@ -87,5 +87,8 @@ pub fn run(project: &Project) -> Result<()> {
     ])
     .env("TCPRTT_BIN", project.release_bin())
     .env("TCPRTT_NO_EBPF_BIN", no_ebpf_bin);
-    project.step("end-to-end tests (real kernel, as root)", e2e)
+    project.step("end-to-end tests (real kernel, as root)", e2e)?;
+
+    eprintln!("xtask: the same checks on other kernels, in QEMU (vm-test)");
+    crate::vm_test::run_built(project)
 }
