@@ -107,6 +107,21 @@ pub const CHECKS: &[Check] = &[
         verify: ndjson_fields,
     },
     Check {
+        name: "Prometheus exposition (-B --prometheus)",
+        tracers: &[&[
+            "-B",
+            "-p",
+            "5001",
+            "-p",
+            "5002",
+            "-p",
+            "5003",
+            "--prometheus",
+            "127.0.0.1:9464",
+        ]],
+        verify: super::prometheus::matches_reference,
+    },
+    Check {
         name: "nothing left loaded after exit",
         tracers: &[],
         verify: nothing_left,

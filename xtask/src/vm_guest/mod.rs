@@ -6,6 +6,7 @@
 //! `VMTEST-END` markers that `cargo xtask vm-test` reads on the host.
 
 mod checks;
+mod prometheus;
 mod reports;
 mod traffic;
 
@@ -39,6 +40,8 @@ const QUIET: Duration = Duration::from_secs(1);
 /// What one tracer printed, once stopped.
 pub struct Output {
     pub args: Vec<String>,
+    /// What `--prometheus` served once the traffic was over.
+    pub scraped: String,
     pub stdout: String,
     pub stderr: String,
 }
@@ -109,7 +112,7 @@ impl Tracer {
         kill_process(Pid::from_child(&self.child), Signal::INT).context("sending SIGINT")
     }
 
-    fn finish(mut self) -> Result<Output> {
+    fn finish(mut self, scraped: String) -> Result<Output> {
         let status = self.child.wait().context("waiting for tcprtt")?;
         let joined = |h: Option<thread::JoinHandle<String>>| {
             h.and_then(|h| h.join().ok()).unwrap_or_default()
@@ -124,6 +127,7 @@ impl Tracer {
         );
         Ok(Output {
             args: std::mem::take(&mut self.args),
+            scraped,
             stdout,
             stderr,
         })
@@ -176,12 +180,25 @@ fn trace(bin: &Path, checks: &[&Check]) -> Result<(Run, Vec<Vec<Output>>)> {
     let loaded_while_tracing = tcprtt_programs().len();
     let connections = traffic::run()?;
     thread::sleep(QUIET);
-    for t in &tracers {
+    // A scrape is TCP traffic too, so every other tracer stops before it.
+    let scrapes: Vec<Option<&str>> = arg_sets.iter().map(|a| prometheus::address(a)).collect();
+    for (t, _) in tracers.iter().zip(&scrapes).filter(|(_, s)| s.is_none()) {
         t.interrupt()?;
+    }
+    let mut scraped = vec![String::new(); tracers.len()];
+    if scrapes.iter().any(Option::is_some) {
+        thread::sleep(prometheus::DRAIN_PERIOD);
+        for (i, address) in scrapes.iter().enumerate() {
+            if let Some(address) = address {
+                scraped[i] = prometheus::scrape(address)?;
+                tracers[i].interrupt()?;
+            }
+        }
     }
     let mut outputs = tracers
         .into_iter()
-        .map(Tracer::finish)
+        .zip(scraped)
+        .map(|(t, scraped)| t.finish(scraped))
         .collect::<Result<Vec<_>>>()?
         .into_iter();
     let reference = outputs.next().context("no reference output")?;
