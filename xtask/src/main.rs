@@ -105,6 +105,18 @@ fn on_path(command: &str) -> bool {
     })
 }
 
+/// tcprtt's programs loaded now (by any process), named with their ids.
+fn tcprtt_programs() -> Vec<String> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter_map(|p| {
+            let name = p.name_as_str()?;
+            name.starts_with("tcprtt_")
+                .then(|| format!("{name} (id {})", p.id()))
+        })
+        .collect()
+}
+
 struct Project {
     root: PathBuf,
     tools: PathBuf,

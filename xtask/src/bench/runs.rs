@@ -246,18 +246,6 @@ fn per_run(before: (u64, u64), after: (u64, u64)) -> Result<f64> {
     Ok((after.0 - before.0) as f64 / runs as f64)
 }
 
-/// Names of tcprtt's programs still loaded (by this or an earlier run).
-pub fn tcprtt_programs() -> Vec<String> {
-    loaded_programs()
-        .filter_map(Result::ok)
-        .filter_map(|p| {
-            let name = p.name_as_str()?;
-            name.starts_with("tcprtt_")
-                .then(|| format!("{name} (id {})", p.id()))
-        })
-        .collect()
-}
-
 /// Waits for the kernel to free unloaded programs (after an RCU grace period), then
 /// fails if any program a stopped tracer held is still loaded.
 pub fn ensure_unloaded() -> Result<()> {

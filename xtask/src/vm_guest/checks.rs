@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use super::{
     Output, Run,
-    reports::{Flow, count, histograms, ip, lines, reference, rows, total},
+    reports::{Flow, count, histograms, lines, reference, rows, total},
     traffic::family,
 };
 
@@ -45,12 +45,12 @@ pub const CHECKS: &[Check] = &[
     Check {
         name: "filter -A 127.0.0.2",
         tracers: &[&["-A", "127.0.0.2", "--json"]],
-        verify: |run, outs| filtered(run, outs, |f| f.raddr == ip("127.0.0.2")),
+        verify: |run, outs| filtered(run, outs, |f| f.raddr.to_string() == "127.0.0.2"),
     },
     Check {
         name: "filter -a 127.0.0.3/32",
         tracers: &[&["-a", "127.0.0.3/32", "--json"]],
-        verify: |run, outs| filtered(run, outs, |f| f.laddr == ip("127.0.0.3")),
+        verify: |run, outs| filtered(run, outs, |f| f.laddr.to_string() == "127.0.0.3"),
     },
     Check {
         name: "filter -p 5001",

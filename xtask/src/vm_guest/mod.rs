@@ -21,9 +21,9 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use aya::programs::loaded_programs;
 use rustix::process::{Pid, Signal, kill_process};
 
+use crate::tcprtt_programs;
 pub use checks::CHECKS;
 use checks::Check;
 use traffic::Connection;
@@ -141,17 +141,6 @@ impl Drop for Tracer {
             let _ = self.child.wait();
         }
     }
-}
-
-fn tcprtt_programs() -> Vec<String> {
-    loaded_programs()
-        .filter_map(Result::ok)
-        .filter_map(|p| {
-            let name = p.name_as_str()?;
-            name.starts_with("tcprtt_")
-                .then(|| format!("{name} (id {})", p.id()))
-        })
-        .collect()
 }
 
 /// Every tracer of the table plus the reference, on one run of traffic.

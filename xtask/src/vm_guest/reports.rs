@@ -8,10 +8,6 @@ use serde_json::Value;
 
 use super::{Output, Run};
 
-pub fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))
-}
-
 /// One row of the reference: a socket (local and remote ends) and its count.
 pub struct Flow {
     pub family: String,
