@@ -156,6 +156,8 @@ async fn trace(opts: Options, mut signals: Signals) -> Result<()> {
         None => None,
     };
     let source: Box<dyn Source> = Box::new(Srtt::load(&opts, OBJECT)?);
+    // From the moment the program is attached, a signal asks for the report.
+    signals.tracing();
     say(source.banner());
     let exposition = match (listener, &opts.prometheus) {
         (Some(listener), Some(prom)) => {
@@ -176,7 +178,6 @@ async fn trace(opts: Options, mut signals: Signals) -> Result<()> {
     } else {
         None
     };
-    signals.tracing();
 
     let start = Instant::now();
     let mut run = Run {

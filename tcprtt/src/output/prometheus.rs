@@ -435,11 +435,6 @@ mod tests {
         }
     }
 
-    fn golden(name: &str) -> String {
-        let path = format!("{}/tests/golden/{name}", env!("CARGO_MANIFEST_DIR"));
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
-    }
-
     #[test]
     fn prometheus_text_of_a_grouped_report() {
         let snap = snapshot(&[
