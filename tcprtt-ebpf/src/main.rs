@@ -10,6 +10,8 @@
 #![no_std]
 #![no_main]
 
+mod wire;
+
 use aya_ebpf::{
     Global,
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
