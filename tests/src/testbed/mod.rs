@@ -20,6 +20,7 @@
 
 mod delay;
 mod netns;
+pub mod router;
 mod traffic;
 
 use std::{
