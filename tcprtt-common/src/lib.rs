@@ -92,6 +92,23 @@ pub mod group {
     pub const FLOW: u32 = 5;
 }
 
+/// Which address families to trace ([`ProbeConfig::family`]). IPv4-mapped IPv6 sockets
+/// (an IPv6 socket talking to an IPv4 peer) count as IPv4.
+pub mod family {
+    /// Both IPv4 and IPv6.
+    pub const ANY: u32 = 0;
+    /// IPv4 only.
+    pub const V4: u32 = 4;
+    /// IPv6 only.
+    pub const V6: u32 = 6;
+}
+
+/// Bytes of an address-filter key (the data of an LPM-trie key): a family tag
+/// ([`family::V4`] or [`family::V6`], as a byte), the 16-byte address (IPv4 in its
+/// IPv4-mapped form), then three zero bytes that keep the key 4-byte aligned. The tag keeps
+/// an IPv6 prefix such as `::/0` from ever matching an IPv4 socket.
+pub const FILTER_KEY_LEN: usize = 20;
+
 /// Bits of [`ProbeConfig::filters`]: which filter maps the program must consult.
 pub mod filter {
     pub const LADDR: u32 = 1 << 0;
@@ -139,7 +156,7 @@ pub struct ProbeConfig {
     pub off_rport: u32,
     /// Bit set of [`filter`] flags.
     pub filters: u32,
-    /// 0: any family, 4: IPv4 only (IPv4-mapped IPv6 included), 6: IPv6 only.
+    /// One of the [`family`] constants.
     pub family: u32,
     /// One of the [`group`] constants.
     pub group_by: u32,
@@ -221,9 +238,11 @@ impl HistValue {
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: all three are repr(C), padding-free and valid for any bit pattern.
+    // SAFETY: repr(C), padding-free and valid for any bit pattern.
     unsafe impl aya::Pod for super::ProbeConfig {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::HistKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::HistValue {}
 }
 

@@ -15,13 +15,15 @@ mod wire;
 use aya_ebpf::{
     Global,
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    btf_maps::{self, ArrayOfMaps},
     helpers::bpf_probe_read_kernel,
-    macros::{btf_tracepoint, fentry, map},
+    macros::{btf_map, btf_tracepoint, fentry, map},
     maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
     programs::{BtfTracePointContext, FEntryContext},
 };
 use tcprtt_common::{
-    AF_INET, AF_INET6, HistKey, HistValue, ProbeConfig, filter, fine_bucket, group, stat,
+    AF_INET, AF_INET6, FILTER_KEY_LEN, HistKey, HistValue, ProbeConfig, family, filter,
+    fine_bucket, group, stat,
 };
 
 /// `-E2BIG`: what inserting into a full hash map returns.
@@ -54,11 +56,22 @@ static ZERO: PerCpuArray<HistValue> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 
-/// Address filters: a segment passes when its address lies in any stored prefix.
+/// Never used by the program. Updating its slot from userspace returns only once every BPF
+/// program running at that moment has finished (the kernel waits for an RCU grace period
+/// so callers know programs see the new inner map); tcprtt uses that wait to know the
+/// histogram set it just switched away from is no longer written.
+#[btf_map]
+static GRACE: ArrayOfMaps<btf_maps::Array<u32, 1>, 1> = ArrayOfMaps::new();
+/// The inner map userspace stores in `GRACE`.
+#[btf_map]
+static GRACE_INNER: btf_maps::Array<u32, 1> = btf_maps::Array::new();
+
+/// Address filters: a segment passes when its family-tagged address lies in any stored
+/// prefix (see `FILTER_KEY_LEN`).
 #[map]
-static LADDRS: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(1, 0);
+static LADDRS: LpmTrie<[u8; FILTER_KEY_LEN], u8> = LpmTrie::with_max_entries(1, 0);
 #[map]
-static RADDRS: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(1, 0);
+static RADDRS: LpmTrie<[u8; FILTER_KEY_LEN], u8> = LpmTrie::with_max_entries(1, 0);
 /// Port filters, host order.
 #[map]
 static LPORTS: HashMap<u16, u8> = HashMap::with_max_entries(1, 0);
@@ -150,9 +163,13 @@ fn is_v4_mapped(addr: &[u8; 16]) -> bool {
     addr[..10].iter().all(|b| *b == 0) && addr[10] == 0xff && addr[11] == 0xff
 }
 
+/// Whether `addr` of family `tag` (`family::V4` or `family::V6`) lies in a prefix of `trie`.
 #[inline(always)]
-fn in_prefixes(trie: &LpmTrie<[u8; 16], u8>, addr: [u8; 16]) -> bool {
-    trie.get(Key::new(128, addr)).is_some()
+fn in_prefixes(trie: &LpmTrie<[u8; FILTER_KEY_LEN], u8>, tag: u32, addr: &[u8; 16]) -> bool {
+    let mut data = [0u8; FILTER_KEY_LEN];
+    data[0] = tag as u8;
+    data[1..17].copy_from_slice(addr);
+    trie.get(Key::new(8 + 128, data)).is_some()
 }
 
 #[inline(always)]
@@ -160,7 +177,7 @@ fn try_record(sk: *const u8) -> Result<(), Skip> {
     let cfg = CONFIG.load();
     // With no filter and no grouping every segment counts and no key is needed: this hook
     // only sees TCP sockets, which are always IPv4 or IPv6, so nothing else needs reading.
-    let plain = cfg.filters == 0 && cfg.group_by == group::NONE && cfg.family == 0;
+    let plain = cfg.filters == 0 && cfg.group_by == group::NONE && cfg.family == family::ANY;
     if plain {
         return add_to_all(read_srtt(sk, &cfg)?);
     }
@@ -210,13 +227,13 @@ fn add_to_all(value: u64) -> Result<(), Skip> {
 /// Applies the filters to the socket and fills in its histogram key.
 #[inline(always)]
 fn select(sk: *const u8, cfg: &ProbeConfig, key: &mut HistKey) -> Result<(), Skip> {
-    let family: u16 = read(sk, cfg.off_family);
+    let sk_family: u16 = read(sk, cfg.off_family);
     let grouped_by_addr = matches!(cfg.group_by, group::LADDR | group::RADDR | group::FLOW);
     let wants_addr = cfg.filters & (filter::LADDR | filter::RADDR) != 0
         || grouped_by_addr
-        || (cfg.family != 0 && family == AF_INET6);
+        || (cfg.family != family::ANY && sk_family == AF_INET6);
     if wants_addr {
-        let (laddr, raddr) = match family {
+        let (laddr, raddr) = match sk_family {
             AF_INET => (
                 mapped_v4(read(sk, cfg.off_v4_laddr)),
                 mapped_v4(read(sk, cfg.off_v4_raddr)),
@@ -233,14 +250,14 @@ fn select(sk: *const u8, cfg: &ProbeConfig, key: &mut HistKey) -> Result<(), Ski
         } else {
             AF_INET6
         };
-        let family_ok = match cfg.family {
-            4 => shown_family == AF_INET,
-            6 => shown_family == AF_INET6,
-            _ => true,
+        let tag = if shown_family == AF_INET {
+            family::V4
+        } else {
+            family::V6
         };
-        if !family_ok
-            || (cfg.filters & filter::LADDR != 0 && !in_prefixes(&LADDRS, laddr))
-            || (cfg.filters & filter::RADDR != 0 && !in_prefixes(&RADDRS, raddr))
+        if (cfg.family != family::ANY && cfg.family != tag)
+            || (cfg.filters & filter::LADDR != 0 && !in_prefixes(&LADDRS, tag, &laddr))
+            || (cfg.filters & filter::RADDR != 0 && !in_prefixes(&RADDRS, tag, &raddr))
         {
             return Err(Skip::Filtered);
         }
@@ -253,9 +270,9 @@ fn select(sk: *const u8, cfg: &ProbeConfig, key: &mut HistKey) -> Result<(), Ski
                 key.raddr = raddr;
             }
         }
-    } else if family != AF_INET && family != AF_INET6 {
+    } else if sk_family != AF_INET && sk_family != AF_INET6 {
         return Err(Skip::Unreadable);
-    } else if cfg.family == 6 && family == AF_INET {
+    } else if cfg.family == family::V6 && sk_family == AF_INET {
         return Err(Skip::Filtered);
     }
 

@@ -5,10 +5,23 @@
 //! enough to walk structs and unions, including the anonymous ones the kernel nests its
 //! socket fields in.
 
-use std::{collections::HashMap, path::Path};
+use std::{
+    collections::HashMap,
+    fs::OpenOptions,
+    io::Read,
+    os::unix::fs::{FileTypeExt, OpenOptionsExt},
+    path::Path,
+};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use tcprtt_common::ProbeConfig;
+
+/// The largest BTF file tcprtt reads. A kernel's own BTF is a few MiB (5.3 MiB for
+/// the 6.18 kernel of the development machines); a file larger than this is not one.
+pub const MAX_BTF_BYTES: u64 = 64 << 20;
+
+/// How deep anonymous structs and unions may nest. The kernel nests its socket fields two
+/// or three levels deep; a deeper or cyclic nesting is a malformed file.
+const MAX_NESTING: usize = 16;
 
 const MAGIC: u16 = 0xeb9f;
 
@@ -76,13 +89,56 @@ fn string_at(strings: &[u8], offset: u32) -> Result<String> {
     Ok(String::from_utf8_lossy(&tail[..end]).into_owned())
 }
 
-impl KernelBtf {
-    pub fn from_file(path: &Path) -> Result<Self> {
-        let data =
-            std::fs::read(path).with_context(|| format!("reading BTF from {}", path.display()))?;
-        Self::parse(&data).with_context(|| format!("parsing BTF in {}", path.display()))
+/// Reads a BTF file: a regular file of at most [`MAX_BTF_BYTES`]. The open does not wait
+/// for a writer (a FIFO is refused, not waited on), and nothing past the bound is read.
+pub fn read_file(path: &Path) -> Result<Vec<u8>> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .with_context(|| format!("opening the BTF file {}", path.display()))?;
+    let meta = file
+        .metadata()
+        .with_context(|| format!("reading the BTF file {}", path.display()))?;
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_char_device() || kind.is_block_device() {
+            "a device"
+        } else if kind.is_dir() {
+            "a directory"
+        } else {
+            "something else"
+        };
+        bail!(
+            "{} is not a regular file ({what}): pass a kernel BTF file such as /sys/kernel/btf/vmlinux",
+            path.display()
+        );
     }
+    let too_large = || {
+        anyhow!(
+            "{} is larger than {} MiB, more than any kernel's BTF: pass a kernel BTF file such as \
+             /sys/kernel/btf/vmlinux",
+            path.display(),
+            MAX_BTF_BYTES >> 20
+        )
+    };
+    if meta.len() > MAX_BTF_BYTES {
+        return Err(too_large());
+    }
+    let mut data = Vec::with_capacity(meta.len() as usize);
+    // sysfs files may report a size other than what they hold, so the read is bounded too.
+    file.take(MAX_BTF_BYTES + 1)
+        .read_to_end(&mut data)
+        .with_context(|| format!("reading the BTF file {}", path.display()))?;
+    if data.len() as u64 > MAX_BTF_BYTES {
+        return Err(too_large());
+    }
+    Ok(data)
+}
 
+impl KernelBtf {
     /// Parses a little-endian BTF blob (the layout of `/sys/kernel/btf/vmlinux`).
     pub fn parse(data: &[u8]) -> Result<Self> {
         ensure!(
@@ -179,20 +235,41 @@ impl KernelBtf {
     }
 
     /// Finds `name` among `members`, looking inside anonymous structs and unions; returns
-    /// its bit offset and type.
-    fn find_member(&self, members: &[Member], name: &str) -> Option<(u32, u32, u32)> {
+    /// its bit offset, bit-field size and type. `inside` holds the anonymous types already
+    /// being searched, so a type that contains itself is an error, not endless recursion.
+    fn find_member(
+        &self,
+        members: &[Member],
+        name: &str,
+        inside: &mut Vec<u32>,
+    ) -> Result<Option<(u32, u32, u32)>> {
         for m in members {
             if m.name == name {
-                return Some((m.bit_offset, m.bitfield_size, m.type_id));
+                return Ok(Some((m.bit_offset, m.bitfield_size, m.type_id)));
             }
-            if m.name.is_empty()
-                && let Some(Type::Composite { members: inner, .. }) = self.resolve(m.type_id)
-                && let Some((bits, size, ty)) = self.find_member(inner, name)
-            {
-                return Some((m.bit_offset + bits, size, ty));
+            if !m.name.is_empty() {
+                continue;
+            }
+            let Some(Type::Composite { members: inner, .. }) = self.resolve(m.type_id) else {
+                continue;
+            };
+            ensure!(
+                !inside.contains(&m.type_id),
+                "malformed BTF: type {} contains itself",
+                m.type_id
+            );
+            ensure!(
+                inside.len() < MAX_NESTING,
+                "malformed BTF: anonymous members nest deeper than {MAX_NESTING} levels"
+            );
+            inside.push(m.type_id);
+            let found = self.find_member(inner, name, inside)?;
+            inside.pop();
+            if let Some((bits, size, ty)) = found {
+                return Ok(Some((m.bit_offset.saturating_add(bits), size, ty)));
             }
         }
-        None
+        Ok(None)
     }
 
     /// Byte offset of `path` (member names joined by dots, e.g. `__sk_common.skc_family`)
@@ -208,35 +285,21 @@ impl KernelBtf {
             let Some(Type::Composite { name, members }) = self.resolve(ty) else {
                 bail!("{struct_name}.{path}: {part} is not inside a struct or union");
             };
-            let (offset, bitfield_size, member_ty) =
-                self.find_member(members, part).ok_or_else(|| {
+            let (offset, bitfield_size, member_ty) = self
+                .find_member(members, part, &mut Vec::new())?
+                .ok_or_else(|| {
                     anyhow!("struct {struct_name} has no member {path} ({part} missing in {name})")
                 })?;
             ensure!(
                 bitfield_size == 0 && offset % 8 == 0,
                 "{struct_name}.{path} is a bit field; tcprtt cannot read it"
             );
-            bits += offset;
+            bits = offset
+                .checked_add(bits)
+                .ok_or_else(|| anyhow!("malformed BTF: {struct_name}.{path} lies beyond 4 GiB"))?;
             ty = member_ty;
         }
         Ok(bits / 8)
-    }
-
-    /// Every socket field the probe reads, as offsets from the `struct sock *` it is given.
-    /// `tcp_sock` begins with `struct sock`, so both are measured from the same pointer.
-    pub fn probe_offsets(&self) -> Result<ProbeConfig> {
-        let skc = |field: &str| self.offset_of("sock", &format!("__sk_common.{field}"));
-        Ok(ProbeConfig {
-            off_srtt_us: self.offset_of("tcp_sock", "srtt_us")?,
-            off_family: skc("skc_family")?,
-            off_v4_laddr: skc("skc_rcv_saddr")?,
-            off_v4_raddr: skc("skc_daddr")?,
-            off_v6_laddr: skc("skc_v6_rcv_saddr")?,
-            off_v6_raddr: skc("skc_v6_daddr")?,
-            off_lport: skc("skc_num")?,
-            off_rport: skc("skc_dport")?,
-            ..ProbeConfig::ZERO
-        })
     }
 }
 
@@ -396,61 +459,98 @@ mod tests {
         assert!(KernelBtf::parse(b"\x00\x00garbage-garbage-garbage").is_err());
     }
 
-    /// The real kernel: every field resolves, and each agrees with bpftool's own reading
-    /// of the same BTF (an independent parser).
     #[test]
-    fn resolves_every_probe_field_in_the_running_kernel() {
-        let btf = KernelBtf::from_file(Path::new("/sys/kernel/btf/vmlinux")).unwrap();
-        let cfg = btf.probe_offsets().unwrap();
-        let dump = std::process::Command::new("bpftool")
-            .args([
-                "btf",
-                "dump",
-                "file",
-                "/sys/kernel/btf/vmlinux",
-                "format",
-                "raw",
-            ])
-            .output()
-            .expect("bpftool is installed by `cargo xtask setup`");
-        assert!(dump.status.success());
-        let dump = String::from_utf8_lossy(&dump.stdout);
-        let tcp_sock = dump
-            .split("\n[")
-            .find(|t| t.contains(" STRUCT 'tcp_sock' "))
-            .expect("tcp_sock in bpftool's dump");
-        let line = tcp_sock
-            .lines()
-            .find(|l| l.trim_start().starts_with("'srtt_us' "))
-            .expect("srtt_us in tcp_sock");
-        let bits: u32 = line
-            .split("bits_offset=")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .and_then(|s| s.parse().ok())
-            .expect("bits_offset");
-        assert_eq!(cfg.off_srtt_us, bits / 8);
-        // sock_common is a prefix of struct sock, well inside it; the fields are distinct.
-        let fields = [
-            cfg.off_family,
-            cfg.off_v4_laddr,
-            cfg.off_v4_raddr,
-            cfg.off_v6_laddr,
-            cfg.off_v6_raddr,
-            cfg.off_lport,
-            cfg.off_rport,
-        ];
-        for (i, a) in fields.iter().enumerate() {
-            assert!(*a < 256, "{a}");
-            for b in &fields[i + 1..] {
-                assert_ne!(a, b);
+    fn a_struct_containing_itself_is_an_error_not_a_stack_overflow() {
+        let mut b = Builder::new();
+        b.int("u32", 4); // 1
+        b.composite(KIND_STRUCT, "sock", 8, &[("", 2, 0, 0)]); // 2
+        let btf = KernelBtf::parse(&b.build()).unwrap();
+        let err = btf.offset_of("sock", "x").unwrap_err().to_string();
+        assert!(err.contains("contains itself"), "{err}");
+    }
+
+    #[test]
+    fn nesting_is_bounded() {
+        let mut b = Builder::new();
+        b.int("u32", 4); // 1
+        b.composite(KIND_STRUCT, "", 4, &[("deep", 1, 0, 0)]); // 2
+        for id in 2..40 {
+            b.composite(KIND_STRUCT, "", 4, &[("", id, 0, 0)]); // id + 1
+        }
+        b.composite(KIND_STRUCT, "sock", 4, &[("", 40, 0, 0)]);
+        let btf = KernelBtf::parse(&b.build()).unwrap();
+        let err = btf.offset_of("sock", "deep").unwrap_err().to_string();
+        assert!(err.contains("nest deeper than 16"), "{err}");
+    }
+
+    #[test]
+    fn only_bounded_regular_files_are_read() {
+        let err = read_file(Path::new("/dev/zero")).unwrap_err().to_string();
+        assert!(err.contains("is not a regular file (a device)"), "{err}");
+        let dir = std::env::temp_dir().join(format!("tcprtt-btf-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let err = read_file(&fifo).unwrap_err().to_string();
+        assert!(err.contains("is not a regular file (a FIFO)"), "{err}");
+        let big = dir.join("big");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(MAX_BTF_BYTES + 1)
+            .unwrap();
+        let err = read_file(&big).unwrap_err().to_string();
+        assert!(err.contains("is larger than 64 MiB"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn sample_blob() -> Vec<u8> {
+        let mut b = Builder::new();
+        b.int("u16", 2);
+        b.int("u32", 4);
+        b.typedef("__be32", 2);
+        b.composite(KIND_STRUCT, "", 8, &[("skc_daddr", 3, 0, 0)]);
+        b.composite(KIND_UNION, "", 8, &[("a", 2, 0, 0), ("", 4, 0, 0)]);
+        b.composite(
+            KIND_STRUCT,
+            "sock_common",
+            16,
+            &[("", 5, 0, 0), ("skc_family", 1, 64, 0)],
+        );
+        b.composite(KIND_STRUCT, "sock", 32, &[("__sk_common", 6, 64, 0)]);
+        b.build()
+    }
+
+    fn lookups(btf: &KernelBtf) {
+        for path in ["__sk_common.skc_family", "__sk_common.skc_daddr", "x"] {
+            let _ = btf.offset_of("sock", path);
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn random_blobs_never_panic(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048)) {
+            if let Ok(btf) = KernelBtf::parse(&data) {
+                lookups(&btf);
             }
         }
-        assert_eq!(
-            cfg.off_v4_raddr + 4,
-            cfg.off_v4_laddr,
-            "skc_addrpair layout"
-        );
-        assert!(cfg.off_srtt_us > 256);
+
+        #[test]
+        fn mutated_blobs_never_panic(
+            flips in proptest::collection::vec(
+                (proptest::prelude::any::<proptest::sample::Index>(), proptest::prelude::any::<u8>()),
+                1..12,
+            )
+        ) {
+            let mut data = sample_blob();
+            for (at, byte) in flips {
+                let at = at.index(data.len());
+                data[at] = byte;
+            }
+            if let Ok(btf) = KernelBtf::parse(&data) {
+                lookups(&btf);
+            }
+        }
     }
 }

@@ -4,6 +4,9 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 use ipnet::IpNet;
+use tcprtt_common::family;
+
+use crate::report::{ALL_TRAFFIC, BY_FLOW, BY_LADDR, BY_LPORT, BY_RADDR, BY_RPORT, Grouping};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -59,7 +62,8 @@ pub struct Cli {
     /// One histogram per remote port
     #[arg(long = "by-rport")]
     pub by_rport: bool,
-    /// One histogram per connection (local and remote address and port)
+    /// One histogram per connection (local and remote address and port). Connections in
+    /// different network namespaces with the same addresses and ports share one histogram
     #[arg(long = "by-flow")]
     pub by_flow: bool,
     /// With a grouping: only the N keys with the highest average, slowest first
@@ -74,10 +78,10 @@ pub struct Cli {
     /// Milliseconds instead of microseconds
     #[arg(short = 'm', long = "milliseconds")]
     pub milliseconds: bool,
-    /// Print a report every SECS seconds, each counting only its own interval
+    /// Print a report every SECS seconds (0.001 to 31536000), each counting only its own interval
     #[arg(short = 'i', long = "interval", value_name = "SECS", value_parser = parse_secs, allow_negative_numbers = true)]
     pub interval: Option<Duration>,
-    /// Stop after SECS seconds
+    /// Stop after SECS seconds (0.001 to 31536000)
     #[arg(short = 'd', long = "duration", value_name = "SECS", value_parser = parse_secs, allow_negative_numbers = true)]
     pub duration: Option<Duration>,
     /// Print a HH:MM:SS timestamp before each report
@@ -98,7 +102,7 @@ pub struct Cli {
     /// Kernel BTF to resolve struct offsets from [default: /sys/kernel/btf/vmlinux]
     #[arg(long, value_name = "FILE")]
     pub btf: Option<PathBuf>,
-    /// Most distinct addresses kept when grouping; more are counted as dropped
+    /// Most distinct keys kept when grouping (1 to 1000000); more are counted as dropped
     #[arg(long, value_name = "N", default_value_t = 10240, value_parser = parse_max_keys)]
     pub max_keys: u32,
 }
@@ -121,11 +125,17 @@ fn parse_port(s: &str) -> Result<u16, String> {
     }
 }
 
+/// Shortest interval or duration: a timer that fires more often only reports noise.
+const MIN_SECS: f64 = 0.001;
+/// Longest interval or duration: one year, well within what the timers handle.
+const MAX_SECS: f64 = 31_536_000.0;
+
 fn parse_secs(s: &str) -> Result<Duration, String> {
     match s.parse::<f64>() {
-        Ok(secs) if secs > 0.0 && secs.is_finite() && secs < 1e9 => {
-            Ok(Duration::from_secs_f64(secs))
-        }
+        Ok(secs) if (MIN_SECS..=MAX_SECS).contains(&secs) => Ok(Duration::from_secs_f64(secs)),
+        Ok(secs) if secs > 0.0 => Err(format!(
+            "'{s}' is out of range: give seconds from {MIN_SECS} to {MAX_SECS}"
+        )),
         _ => Err(format!(
             "'{s}' is not a positive number of seconds (e.g. 1, 0.5, 30)"
         )),
@@ -139,44 +149,18 @@ fn parse_top(s: &str) -> Result<usize, String> {
     }
 }
 
+/// Most keys a grouping may keep. A key's value is 808 bytes per CPU in each of two maps,
+/// so a million keys on 16 CPUs can reach 24 GiB of kernel memory.
+pub const MAX_KEYS: u32 = 1_000_000;
+
 fn parse_max_keys(s: &str) -> Result<u32, String> {
-    match s.parse::<u32>() {
-        Ok(n) if n > 0 => Ok(n),
+    match s.parse::<u64>() {
+        Ok(n) if (1..=u64::from(MAX_KEYS)).contains(&n) => Ok(n as u32),
+        Ok(n) if n > 0 => Err(format!(
+            "'{s}' is more keys than tcprtt keeps: give a key count from 1 to {MAX_KEYS}"
+        )),
         _ => Err(format!("'{s}' is not a positive key count (e.g. 10240)")),
     }
-}
-
-/// What the histograms are keyed by.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GroupBy {
-    None,
-    LocalAddr,
-    RemoteAddr,
-    LocalPort,
-    RemotePort,
-    Flow,
-}
-
-impl GroupBy {
-    /// The name used in JSON output.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::None => "none",
-            Self::LocalAddr => "laddr",
-            Self::RemoteAddr => "raddr",
-            Self::LocalPort => "lport",
-            Self::RemotePort => "rport",
-            Self::Flow => "flow",
-        }
-    }
-}
-
-/// Which address families to trace.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Family {
-    Any,
-    V4,
-    V6,
 }
 
 /// The validated run configuration.
@@ -186,8 +170,9 @@ pub struct Options {
     pub raddr: Vec<IpNet>,
     pub lport: Vec<u16>,
     pub rport: Vec<u16>,
-    pub group_by: GroupBy,
-    pub family: Family,
+    pub grouping: Grouping,
+    /// One of the `tcprtt_common::family` constants.
+    pub family: u32,
     pub milliseconds: bool,
     pub interval: Option<Duration>,
     pub duration: Option<Duration>,
@@ -201,14 +186,24 @@ pub struct Options {
     pub max_keys: u32,
 }
 
+/// Whether a prefix matches IPv4 sockets: an IPv4 prefix, or an IPv6 one that lies inside
+/// the IPv4-mapped range `::ffff:0:0/96`. Every other IPv6 prefix, `::/0` included, matches
+/// IPv6 sockets only.
+pub fn is_ipv4_prefix(net: &IpNet) -> bool {
+    match net {
+        IpNet::V4(_) => true,
+        IpNet::V6(v6) => v6.prefix_len() >= 96 && v6.addr().to_ipv4_mapped().is_some(),
+    }
+}
+
 /// Checks combinations of arguments; the error is one line naming the bad value and the fix.
 pub fn validate(cli: Cli) -> Result<Options, String> {
-    let groupings: Vec<(&str, GroupBy)> = [
-        (cli.by_laddr, "--by-laddr", GroupBy::LocalAddr),
-        (cli.by_raddr, "--by-raddr", GroupBy::RemoteAddr),
-        (cli.by_lport, "--by-lport", GroupBy::LocalPort),
-        (cli.by_rport, "--by-rport", GroupBy::RemotePort),
-        (cli.by_flow, "--by-flow", GroupBy::Flow),
+    let groupings: Vec<(&str, Grouping)> = [
+        (cli.by_laddr, "--by-laddr", BY_LADDR),
+        (cli.by_raddr, "--by-raddr", BY_RADDR),
+        (cli.by_lport, "--by-lport", BY_LPORT),
+        (cli.by_rport, "--by-rport", BY_RPORT),
+        (cli.by_flow, "--by-flow", BY_FLOW),
     ]
     .into_iter()
     .filter(|(set, _, _)| *set)
@@ -217,8 +212,8 @@ pub fn validate(cli: Cli) -> Result<Options, String> {
     if let [(a, _), (b, _), ..] = groupings[..] {
         return Err(format!("{a} and {b} cannot be combined: pick one grouping"));
     }
-    let group_by = groupings.first().map_or(GroupBy::None, |(_, g)| *g);
-    if let (Some(n), GroupBy::None) = (cli.top, group_by) {
+    let grouping = groupings.first().map_or(ALL_TRAFFIC, |(_, g)| *g);
+    if let (Some(n), ALL_TRAFFIC) = (cli.top, grouping) {
         return Err(format!(
             "--top {n} needs a grouping: add --by-laddr, --by-raddr, --by-lport, --by-rport or --by-flow"
         ));
@@ -227,19 +222,19 @@ pub fn validate(cli: Cli) -> Result<Options, String> {
         return Err("-4 and -6 cannot be combined: leave both out to trace both families".into());
     }
     let family = match (cli.ipv4, cli.ipv6) {
-        (true, _) => Family::V4,
-        (_, true) => Family::V6,
-        _ => Family::Any,
+        (true, _) => family::V4,
+        (_, true) => family::V6,
+        _ => family::ANY,
     };
     for (flag, nets) in [("--laddr", &cli.laddr), ("--raddr", &cli.raddr)] {
         for net in nets.iter() {
-            match (family, net) {
-                (Family::V4, IpNet::V6(v6)) if v6.addr().to_ipv4_mapped().is_none() => {
+            match (family, is_ipv4_prefix(net)) {
+                (family::V4, false) => {
                     return Err(format!(
                         "{flag} {net} is IPv6 but -4 traces IPv4 only: drop -4 or the filter"
                     ));
                 }
-                (Family::V6, IpNet::V4(_)) => {
+                (family::V6, true) => {
                     return Err(format!(
                         "{flag} {net} is IPv4 but -6 traces IPv6 only: drop -6 or the filter"
                     ));
@@ -253,7 +248,7 @@ pub fn validate(cli: Cli) -> Result<Options, String> {
         raddr: cli.raddr,
         lport: cli.lport,
         rport: cli.rport,
-        group_by,
+        grouping,
         family,
         milliseconds: cli.milliseconds,
         interval: cli.interval,
@@ -296,7 +291,7 @@ mod tests {
         assert_eq!(o.raddr.len(), 2);
         assert_eq!(o.raddr[1].prefix_len(), 32);
         assert_eq!(o.lport, vec![443]);
-        assert_eq!(o.group_by, GroupBy::LocalAddr);
+        assert_eq!(o.grouping, BY_LADDR);
         let o = parse(&[
             "--byraddr",
             "-i",
@@ -308,7 +303,7 @@ mod tests {
             "tp-btf",
         ])
         .unwrap();
-        assert_eq!(o.group_by, GroupBy::RemoteAddr);
+        assert_eq!(o.grouping, BY_RADDR);
         assert_eq!(o.interval, Some(Duration::from_millis(500)));
         assert_eq!(o.attach, Attach::TpBtf);
         assert_eq!(o.max_keys, 10240);
@@ -357,7 +352,47 @@ mod tests {
     }
 
     #[test]
-    fn ipv4_mapped_filters_are_ipv4() {
+    fn ipv4_mapped_prefixes_are_ipv4_and_other_ipv6_prefixes_are_not() {
         assert!(parse(&["-4", "-A", "::ffff:127.0.0.1"]).is_ok());
+        assert!(parse(&["-4", "-A", "::ffff:127.0.0.0/104"]).is_ok());
+        let err = parse(&["-6", "-A", "::ffff:1.2.3.4"]).unwrap_err();
+        assert!(err.contains("is IPv4 but -6"), "{err}");
+        let err = parse(&["-4", "-A", "::/0"]).unwrap_err();
+        assert!(err.contains("::/0 is IPv6 but -4"), "{err}");
+        assert!(parse(&["-6", "-A", "::/0"]).is_ok());
+        assert!(!is_ipv4_prefix(&"::ffff:0:0/95".parse().unwrap()));
+        assert!(is_ipv4_prefix(&"::ffff:0:0/96".parse().unwrap()));
+    }
+
+    #[test]
+    fn times_and_key_counts_have_stated_bounds() {
+        for (args, needle) in [
+            (
+                &["-i", "1e-10"][..],
+                "'1e-10' is out of range: give seconds from 0.001 to 31536000",
+            ),
+            (&["-d", "1e9"], "'1e9' is out of range"),
+            (&["-i", "inf"], "'inf' is out of range"),
+            (&["-d", "NaN"], "'NaN' is not a positive number"),
+            (
+                &["--max-keys", "4294967295"],
+                "give a key count from 1 to 1000000",
+            ),
+            (
+                &["--max-keys", "100000000"],
+                "'100000000' is more keys than tcprtt keeps",
+            ),
+        ] {
+            let err = parse(args).unwrap_err();
+            assert!(err.contains(needle), "{args:?}: {err}");
+        }
+        assert_eq!(
+            parse(&["-i", "0.001"]).unwrap().interval,
+            Some(Duration::from_millis(1))
+        );
+        assert_eq!(
+            parse(&["--max-keys", "1000000"]).unwrap().max_keys,
+            MAX_KEYS
+        );
     }
 }

@@ -1,0 +1,240 @@
+//! Text reports in the layout bcc and libbpf-tools users know.
+
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, SocketAddr},
+};
+
+use crate::{
+    histogram::Histogram,
+    report::{Key, Report, Unit},
+};
+
+const BAR_WIDTH: u64 = 40;
+
+/// What the text output adds on request.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TextOptions {
+    /// `HH:MM:SS` (local time) above the report, with `-T`.
+    pub timestamp: Option<String>,
+    /// The `-e` line under each histogram.
+    pub extension: bool,
+}
+
+fn unit(unit: Unit) -> &'static str {
+    match unit {
+        Unit::Micros => "µs",
+        Unit::Millis => "ms",
+    }
+}
+
+/// A histogram's header, e.g. `Remote Address = 10.0.0.1`.
+fn label(key: &Key) -> String {
+    let sock = |ip: Option<IpAddr>, port: Option<u16>| match (ip, port) {
+        (Some(ip), port) => SocketAddr::new(ip, port.unwrap_or(0)).to_string(),
+        (None, _) => "?".to_string(),
+    };
+    if key.laddr.is_some() && key.raddr.is_some() {
+        return format!(
+            "Connection = {} -> {}",
+            sock(key.laddr, key.lport),
+            sock(key.raddr, key.rport)
+        );
+    }
+    let parts: Vec<String> = [
+        key.laddr.map(|a| format!("Local Address = {a}")),
+        key.raddr.map(|a| format!("Remote Address = {a}")),
+        key.lport.map(|p| format!("Local Port = {p}")),
+        key.rport.map(|p| format!("Remote Port = {p}")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if parts.is_empty() {
+        "All Addresses = ******".to_string()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// The classic log2 table: slot 0 through the last non-empty slot, bars scaled to the
+/// largest count.
+fn log2_table(hist: &Histogram, unit: &str) -> String {
+    let slots = hist.log2_slots();
+    let last = slots.iter().rposition(|n| *n > 0).unwrap_or(0);
+    let peak = slots.iter().copied().max().unwrap_or(0).max(1);
+    let mut out = format!("{:8}{:<17}: count    distribution\n", "", unit);
+    for (slot, &n) in slots.iter().enumerate().take(last + 1) {
+        let low: u64 = if slot == 0 { 0 } else { 1 << slot };
+        let high: u64 = (1 << (slot + 1)) - 1;
+        let stars = (n * BAR_WIDTH / peak) as usize;
+        let _ = writeln!(
+            out,
+            "{low:>10} -> {high:<10} : {n:<8} |{:<width$}|",
+            "*".repeat(stars),
+            width = BAR_WIDTH as usize
+        );
+    }
+    out
+}
+
+/// The `-e` line: exact count/min/max, percentiles estimated from the fine buckets.
+fn extension_line(hist: &Histogram, unit: &str) -> String {
+    format!(
+        "count {}  min {}  max {}  p50 ~{}  p90 ~{}  p99 ~{} ({unit})\n",
+        hist.count,
+        hist.min,
+        hist.max,
+        hist.percentile(0.50),
+        hist.percentile(0.90),
+        hist.percentile(0.99),
+    )
+}
+
+pub fn render(report: &Report, opts: &TextOptions) -> String {
+    let meta = &report.meta;
+    let unit = unit(meta.unit);
+    let mut out = String::new();
+    if let Some(ts) = &opts.timestamp {
+        let _ = writeln!(out, "{ts}");
+    }
+    for (i, row) in report.rows.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        let _ = writeln!(out, "{} [AVG {:.6}]", label(&row.key), row.hist.average());
+        out.push_str(&log2_table(&row.hist, unit));
+        if opts.extension {
+            out.push_str(&extension_line(&row.hist, unit));
+        }
+    }
+    if report.rows.is_empty() {
+        out.push_str("No TCP RTT samples matched.\n");
+    }
+    let losses = &meta.losses;
+    if losses.dropped > 0 {
+        let _ = writeln!(
+            out,
+            "WARNING: {} samples dropped: more than {} distinct keys (raise --max-keys)",
+            losses.dropped, meta.max_keys
+        );
+    }
+    if losses.no_memory > 0 {
+        let _ = writeln!(
+            out,
+            "WARNING: {} samples dropped: new keys arrived faster than the kernel could \
+             allocate their histograms",
+            losses.no_memory
+        );
+    }
+    if losses.missed > 0 {
+        let _ = writeln!(
+            out,
+            "WARNING: {} segments missed: the kernel skipped the program while it was already \
+             running on the same CPU",
+            losses.missed
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use tcprtt_common::{AF_INET, AF_INET6, HistKey};
+
+    use super::*;
+    use crate::report::{fixtures::*, *};
+
+    fn golden(name: &str) -> String {
+        let path = format!("{}/tests/golden/{name}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    /// The layout of bcc's tcprtt: 114 samples in 8..15 and 397 in 16..31.
+    #[test]
+    fn all_addresses_matches_the_classic_layout() {
+        let mut samples = vec![8u64; 114];
+        samples.extend(std::iter::repeat_n(16, 396));
+        samples.push(31);
+        let report = Report {
+            meta: meta(ALL_TRAFFIC),
+            rows: vec![row(ALL_TRAFFIC, HistKey::default(), &samples)],
+        };
+        assert_eq!(
+            render(&report, &TextOptions::default()),
+            golden("all_addresses.txt")
+        );
+    }
+
+    #[test]
+    fn grouped_reports_label_each_address_and_add_the_extension_line() {
+        let mut report = Report {
+            meta: meta(BY_RADDR),
+            rows: vec![
+                row(BY_RADDR, v4([127, 0, 0, 2]), &[40_000, 40_000, 50_000]),
+                row(BY_RADDR, v6("2001:db8::1"), &[3]),
+            ],
+        };
+        report.meta.unit = Unit::Millis;
+        let opts = TextOptions {
+            timestamp: Some("12:34:56".into()),
+            extension: true,
+        };
+        assert_eq!(render(&report, &opts), golden("by_raddr_ms_extension.txt"));
+    }
+
+    #[test]
+    fn empty_report_and_losses_are_stated() {
+        let mut report = Report {
+            meta: meta(ALL_TRAFFIC),
+            rows: vec![],
+        };
+        report.meta.losses = Losses {
+            dropped: 7,
+            no_memory: 3,
+            missed: 2,
+        };
+        assert_eq!(
+            render(&report, &TextOptions::default()),
+            golden("empty_with_losses.txt")
+        );
+    }
+
+    #[test]
+    fn port_and_flow_labels() {
+        let raw = HistKey {
+            family: AF_INET6,
+            lport: 443,
+            rport: 51000,
+            laddr: "2001:db8::1"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+            raddr: "2001:db8::2"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+            reserved: 0,
+        };
+        let shown = |g: Grouping, raw: &HistKey| label(&Key::decode(g, raw));
+        assert_eq!(shown(BY_LPORT, &raw), "Local Port = 443");
+        assert_eq!(shown(BY_RPORT, &raw), "Remote Port = 51000");
+        assert_eq!(shown(BY_LADDR, &raw), "Local Address = 2001:db8::1");
+        assert_eq!(
+            shown(BY_FLOW, &raw),
+            "Connection = [2001:db8::1]:443 -> [2001:db8::2]:51000"
+        );
+        let v4 = HistKey {
+            family: AF_INET,
+            lport: 80,
+            rport: 4000,
+            laddr: mapped([127, 0, 0, 1]),
+            raddr: mapped([127, 0, 0, 2]),
+            reserved: 0,
+        };
+        assert_eq!(
+            shown(BY_FLOW, &v4),
+            "Connection = 127.0.0.1:80 -> 127.0.0.2:4000"
+        );
+    }
+}

@@ -1,0 +1,306 @@
+//! The one report model every output reads: rows keyed by a decoded [`Key`], each with its
+//! histogram, plus what the report covers and what could not be counted.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
+
+use jiff::Timestamp;
+use tcprtt_common::{AF_INET, AF_INET6, HistKey, group};
+
+use crate::histogram::Histogram;
+
+/// Where a row's samples were measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Source {
+    /// The kernel's smoothed RTT of local sockets (`tcp_sock.srtt_us`).
+    Srtt,
+}
+
+/// What histograms are keyed by: one entry per grouping. Adding a grouping means a constant
+/// in `tcprtt_common::group`, its key builder in the eBPF program, an entry here, and its
+/// flag in cli.rs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grouping {
+    /// The `tcprtt_common::group` constant the eBPF program keys by.
+    pub id: u32,
+    /// The name in JSON output (`group_by`).
+    pub name: &'static str,
+    /// Which fields of the kernel's key are part of the grouping.
+    pub fields: Fields,
+}
+
+/// The parts of a connection a grouping keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fields {
+    pub laddr: bool,
+    pub raddr: bool,
+    pub lport: bool,
+    pub rport: bool,
+}
+
+const fn fields(laddr: bool, raddr: bool, lport: bool, rport: bool) -> Fields {
+    Fields {
+        laddr,
+        raddr,
+        lport,
+        rport,
+    }
+}
+
+pub const ALL_TRAFFIC: Grouping = Grouping {
+    id: group::NONE,
+    name: "none",
+    fields: fields(false, false, false, false),
+};
+pub const BY_LADDR: Grouping = Grouping {
+    id: group::LADDR,
+    name: "laddr",
+    fields: fields(true, false, false, false),
+};
+pub const BY_RADDR: Grouping = Grouping {
+    id: group::RADDR,
+    name: "raddr",
+    fields: fields(false, true, false, false),
+};
+pub const BY_LPORT: Grouping = Grouping {
+    id: group::LPORT,
+    name: "lport",
+    fields: fields(false, false, true, false),
+};
+pub const BY_RPORT: Grouping = Grouping {
+    id: group::RPORT,
+    name: "rport",
+    fields: fields(false, false, false, true),
+};
+pub const BY_FLOW: Grouping = Grouping {
+    id: group::FLOW,
+    name: "flow",
+    fields: fields(true, true, true, true),
+};
+
+/// Address family of a key, as users name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ipv4 => "ipv4",
+            Self::Ipv6 => "ipv6",
+        }
+    }
+}
+
+/// A decoded histogram key: the parts of a connection its grouping keeps, `None` for the
+/// rest. The field order is the listing order: local before remote, IPv4 before IPv6,
+/// addresses and ports numerically.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Key {
+    pub laddr: Option<IpAddr>,
+    pub lport: Option<u16>,
+    pub raddr: Option<IpAddr>,
+    pub rport: Option<u16>,
+    /// Set when the key has an address.
+    pub family: Option<Family>,
+}
+
+/// An address of a kernel key: IPv4 (and IPv4-mapped IPv6) addresses are stored mapped.
+fn ip(family: u16, addr: &[u8; 16]) -> IpAddr {
+    if family == AF_INET {
+        Ipv4Addr::new(addr[12], addr[13], addr[14], addr[15]).into()
+    } else {
+        Ipv6Addr::from(*addr).into()
+    }
+}
+
+impl Key {
+    /// Decodes the kernel's key: the one place that knows its layout.
+    pub fn decode(grouping: Grouping, raw: &HistKey) -> Self {
+        let f = grouping.fields;
+        let family = (f.laddr || f.raddr).then_some(if raw.family == AF_INET6 {
+            Family::Ipv6
+        } else {
+            Family::Ipv4
+        });
+        Self {
+            laddr: f.laddr.then(|| ip(raw.family, &raw.laddr)),
+            lport: f.lport.then_some(raw.lport),
+            raddr: f.raddr.then(|| ip(raw.family, &raw.raddr)),
+            rport: f.rport.then_some(raw.rport),
+            family,
+        }
+    }
+}
+
+/// One histogram of a report.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Row {
+    pub source: Source,
+    pub key: Key,
+    pub hist: Histogram,
+}
+
+/// Samples and segments that did not make it into a histogram, over one report.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Losses {
+    /// Matched samples that found no room in the histogram map (`--max-keys`).
+    pub dropped: u64,
+    /// Matched samples of new keys the kernel could not allocate a histogram for in time.
+    pub no_memory: u64,
+    /// Segments the kernel skipped the program for (it was already running on that CPU).
+    pub missed: u64,
+}
+
+/// Unit of every value in a report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unit {
+    Micros,
+    Millis,
+}
+
+/// What one report covers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Meta {
+    /// The hook the samples came from, e.g. `tp_btf`.
+    pub hook: &'static str,
+    pub grouping: Grouping,
+    pub unit: Unit,
+    /// End of the interval, wall clock.
+    pub end: Timestamp,
+    /// Length of the interval.
+    pub length: Duration,
+    pub losses: Losses,
+    /// The `--max-keys` the maps were sized for.
+    pub max_keys: u32,
+}
+
+/// Everything one interval (or the whole run) measured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Report {
+    pub meta: Meta,
+    /// In listing order (see [`Report::order`]); only rows with samples.
+    pub rows: Vec<Row>,
+}
+
+impl Report {
+    /// Lists rows by key, or with `top`, keeps the `top` highest averages, highest first.
+    pub fn order(&mut self, top: Option<usize>) {
+        self.rows.retain(|r| r.hist.count > 0);
+        match top {
+            Some(n) => {
+                self.rows
+                    .sort_by(|a, b| b.hist.average().total_cmp(&a.hist.average()));
+                self.rows.truncate(n);
+            }
+            None => self
+                .rows
+                .sort_by(|a, b| (a.source, &a.key).cmp(&(b.source, &b.key))),
+        }
+    }
+}
+
+#[cfg(test)]
+pub mod fixtures {
+    //! Fixed reports for the outputs' golden tests.
+
+    use super::*;
+
+    pub fn mapped(a: [u8; 4]) -> [u8; 16] {
+        let mut addr = [0; 16];
+        addr[10] = 0xff;
+        addr[11] = 0xff;
+        addr[12..].copy_from_slice(&a);
+        addr
+    }
+
+    pub fn meta(grouping: Grouping) -> Meta {
+        Meta {
+            hook: "tp_btf",
+            grouping,
+            unit: Unit::Micros,
+            end: "2026-11-22T23:05:01.123Z".parse().unwrap(),
+            length: Duration::from_secs(1),
+            losses: Losses::default(),
+            max_keys: 10240,
+        }
+    }
+
+    pub fn row(grouping: Grouping, raw: HistKey, samples: &[u64]) -> Row {
+        Row {
+            source: Source::Srtt,
+            key: Key::decode(grouping, &raw),
+            hist: Histogram::from_samples(samples.iter().copied()),
+        }
+    }
+
+    pub fn v4(raddr: [u8; 4]) -> HistKey {
+        HistKey {
+            family: AF_INET,
+            raddr: mapped(raddr),
+            ..HistKey::default()
+        }
+    }
+
+    pub fn v6(raddr: &str) -> HistKey {
+        HistKey {
+            family: AF_INET6,
+            raddr: raddr.parse::<Ipv6Addr>().unwrap().octets(),
+            ..HistKey::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{fixtures::*, *};
+
+    #[test]
+    fn decoding_keeps_only_the_grouped_fields_and_unmaps_ipv4() {
+        let raw = HistKey {
+            family: AF_INET,
+            lport: 80,
+            rport: 4000,
+            laddr: mapped([127, 0, 0, 1]),
+            raddr: mapped([127, 0, 0, 2]),
+            reserved: 0,
+        };
+        let k = Key::decode(BY_RADDR, &raw);
+        assert_eq!(k.raddr, Some("127.0.0.2".parse().unwrap()));
+        assert_eq!((k.laddr, k.lport, k.rport), (None, None, None));
+        assert_eq!(k.family, Some(Family::Ipv4));
+        let k = Key::decode(BY_LPORT, &raw);
+        assert_eq!((k.lport, k.family), (Some(80), None));
+        assert_eq!(Key::decode(ALL_TRAFFIC, &raw), Key::default());
+        let k = Key::decode(BY_FLOW, &raw);
+        assert_eq!(k.laddr, Some("127.0.0.1".parse().unwrap()));
+        assert_eq!((k.lport, k.rport), (Some(80), Some(4000)));
+    }
+
+    #[test]
+    fn addresses_sort_numerically_v4_first_and_top_keeps_the_slowest() {
+        let mut report = Report {
+            meta: meta(BY_RADDR),
+            rows: vec![
+                row(BY_RADDR, v4([127, 0, 0, 10]), &[50]),
+                row(BY_RADDR, v6("::1"), &[10]),
+                row(BY_RADDR, v4([127, 0, 0, 9]), &[900]),
+                row(BY_RADDR, v4([127, 0, 0, 8]), &[]),
+            ],
+        };
+        let shown = |r: &Report| -> Vec<String> {
+            r.rows
+                .iter()
+                .map(|r| r.key.raddr.unwrap().to_string())
+                .collect()
+        };
+        report.order(None);
+        assert_eq!(shown(&report), ["127.0.0.9", "127.0.0.10", "::1"]);
+        report.order(Some(2));
+        assert_eq!(shown(&report), ["127.0.0.9", "127.0.0.10"]);
+    }
+}

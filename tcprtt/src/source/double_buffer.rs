@@ -1,0 +1,127 @@
+//! Reading the kernel's histograms, one interval at a time, without losing a sample.
+//!
+//! The program writes into one of two sets of maps (`ACTIVE` says which): a per-CPU hash
+//! map for grouped histograms and a per-CPU array for the all-traffic one. To drain, userspace
+//! points `ACTIVE` at the other set, waits until every program run that may have read the
+//! old index has finished, then reads and empties the old set, which by then nothing
+//! writes. Every sample lands in exactly one interval.
+
+use std::collections::HashMap;
+
+use anyhow::{Context, Result};
+use aya::{
+    Ebpf,
+    maps::{Array, ArrayOfMaps, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
+};
+use tcprtt_common::{HistKey, HistValue};
+
+use super::take_map;
+use crate::histogram::Histogram;
+
+/// Waits for running BPF programs: updating a slot of an ARRAY_OF_MAPS makes the
+/// `bpf(BPF_MAP_UPDATE_ELEM)` call return only after an RCU grace period, and programs on
+/// these hooks run inside RCU read-side sections.
+struct GracePeriod {
+    outer: ArrayOfMaps<MapData, MapData>,
+    inner: MapData,
+}
+
+impl GracePeriod {
+    fn new(ebpf: &mut Ebpf) -> Result<Self> {
+        let inner = match ebpf.take_map("GRACE_INNER") {
+            Some(Map::Array(data)) => data,
+            _ => anyhow::bail!("map GRACE_INNER missing from the eBPF object"),
+        };
+        Ok(Self {
+            outer: take_map(ebpf, "GRACE")?,
+            inner,
+        })
+    }
+
+    fn wait(&mut self) -> Result<()> {
+        self.outer
+            .set(0, &self.inner, 0)
+            .context("waiting for running BPF programs (array-of-maps update)")
+    }
+}
+
+/// Two sets of histogram maps the program writes alternately, and what userspace has
+/// drained from them but not reported yet.
+pub struct DoubleBuffer {
+    hists: [PerCpuHashMap<MapData, HistKey, HistValue>; 2],
+    alls: [PerCpuArray<MapData, HistValue>; 2],
+    active: Array<MapData, u32>,
+    active_index: u32,
+    grace: GracePeriod,
+    pending: HashMap<HistKey, Histogram>,
+}
+
+impl DoubleBuffer {
+    /// Takes the maps named `{prefix}HIST0/1`, `{prefix}ALL0/1` and `{prefix}ACTIVE`.
+    pub fn new(ebpf: &mut Ebpf, prefix: &str) -> Result<Self> {
+        let take = |name: &str| format!("{prefix}{name}");
+        Ok(Self {
+            hists: [
+                take_map(ebpf, &take("HIST0"))?,
+                take_map(ebpf, &take("HIST1"))?,
+            ],
+            alls: [
+                take_map(ebpf, &take("ALL0"))?,
+                take_map(ebpf, &take("ALL1"))?,
+            ],
+            active: take_map(ebpf, &take("ACTIVE"))?,
+            active_index: 0,
+            grace: GracePeriod::new(ebpf)?,
+            pending: HashMap::new(),
+        })
+    }
+
+    /// Moves everything the kernel recorded so far into userspace's 64-bit totals and
+    /// empties the maps. Must run at least every `DRAIN_PERIOD_SECS` so that no 32-bit
+    /// kernel bucket can wrap.
+    pub fn drain(&mut self) -> Result<()> {
+        let old = self.active_index as usize;
+        let next = 1 - self.active_index;
+        self.active
+            .set(0, next, 0)
+            .context("switching the program to the other histogram map")?;
+        self.active_index = next;
+        self.grace.wait()?;
+
+        let map = &mut self.hists[old];
+        let keys = map
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .context("listing histogram keys")?;
+        for key in keys {
+            let shares = map.get(&key, 0).context("reading a histogram")?;
+            self.pending
+                .entry(key)
+                .or_default()
+                .absorb(&Histogram::merge(shares.iter()));
+            map.remove(&key).context("emptying the histogram map")?;
+        }
+
+        let all = &mut self.alls[old];
+        let shares = all
+            .get(&0, 0)
+            .context("reading the all-traffic histogram")?;
+        let hist = Histogram::merge(shares.iter());
+        if hist.count > 0 {
+            self.pending
+                .entry(HistKey::default())
+                .or_default()
+                .absorb(&hist);
+            let zeros = vec![HistValue::ZERO; shares.len()];
+            all.set(0, PerCpuValues::try_from(zeros)?, 0)
+                .context("emptying the all-traffic histogram")?;
+        }
+        Ok(())
+    }
+
+    /// Everything recorded since the previous call, and the maps emptied for the next one.
+    pub fn take(&mut self) -> Result<Vec<(HistKey, Histogram)>> {
+        self.drain()?;
+        Ok(self.pending.drain().collect())
+    }
+}

@@ -1,0 +1,118 @@
+//! Where samples come from. A source owns its eBPF programs and maps and hands over what
+//! they measured as report rows.
+
+pub mod double_buffer;
+pub mod srtt;
+
+use anyhow::{Context, Result, anyhow};
+use aya::{
+    Ebpf,
+    maps::{HashMap, LpmTrie, lpm_trie::Key},
+};
+use ipnet::IpNet;
+use tcprtt_common::{FILTER_KEY_LEN, family};
+
+use crate::{
+    cli::is_ipv4_prefix,
+    report::{Losses, Row},
+};
+
+/// What a source measured over one interval.
+pub struct Taken {
+    pub rows: Vec<Row>,
+    pub losses: Losses,
+}
+
+/// A measurement source, driven by main's loop.
+pub trait Source {
+    /// The first line on stderr, saying what is traced and how.
+    fn banner(&self) -> String;
+    /// The hook the samples come from, as JSON names it.
+    fn hook(&self) -> &'static str;
+    /// Moves what the kernel recorded into userspace; called at least every
+    /// `tcprtt_common::DRAIN_PERIOD_SECS`.
+    fn drain(&mut self) -> Result<()>;
+    /// Everything measured since the previous call.
+    fn take(&mut self) -> Result<Taken>;
+    /// The `-v` summary: what the programs saw and, with run-time statistics on, what they
+    /// cost.
+    fn self_report(&self, stats_on: bool) -> Result<String>;
+}
+
+/// A map of the loaded object, as the aya type `T`.
+pub fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &str,
+) -> Result<T> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?;
+    T::try_from(map).with_context(|| format!("opening map {name}"))
+}
+
+/// The key an address prefix is stored under: a family tag, then the address with IPv4 in
+/// its IPv4-mapped IPv6 form (see `FILTER_KEY_LEN`). An IPv4-mapped IPv6 prefix is IPv4.
+pub fn filter_key(net: &IpNet) -> Key<[u8; FILTER_KEY_LEN]> {
+    let (addr, bits) = match net {
+        IpNet::V4(v4) => (v4.addr().to_ipv6_mapped(), 96 + u32::from(v4.prefix_len())),
+        IpNet::V6(v6) => (v6.addr(), u32::from(v6.prefix_len())),
+    };
+    let tag = if is_ipv4_prefix(net) {
+        family::V4
+    } else {
+        family::V6
+    };
+    let mut data = [0; FILTER_KEY_LEN];
+    data[0] = tag as u8;
+    data[1..17].copy_from_slice(&addr.octets());
+    Key::new(8 + bits, data)
+}
+
+/// Stores address prefixes in the LPM-trie filter map `name`.
+pub fn fill_prefixes(ebpf: &mut Ebpf, name: &str, nets: &[IpNet]) -> Result<()> {
+    let mut trie: LpmTrie<_, [u8; FILTER_KEY_LEN], u8> = LpmTrie::try_from(
+        ebpf.map_mut(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?,
+    )?;
+    for net in nets {
+        trie.insert(&filter_key(net), 1, 0)
+            .with_context(|| format!("adding {net} to the {name} filter"))?;
+    }
+    Ok(())
+}
+
+/// Stores ports in the hash filter map `name`.
+pub fn fill_ports(ebpf: &mut Ebpf, name: &str, ports: &[u16]) -> Result<()> {
+    let mut map: HashMap<_, u16, u8> = HashMap::try_from(
+        ebpf.map_mut(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?,
+    )?;
+    for port in ports {
+        map.insert(port, 1, 0)
+            .with_context(|| format!("adding port {port} to the {name} filter"))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_are_tagged_with_their_family() {
+        let k = filter_key(&"127.0.0.0/8".parse().unwrap());
+        assert_eq!(k.prefix_len(), 8 + 104);
+        assert_eq!(k.data()[..1], [4]);
+        assert_eq!(k.data()[11..14], [0xff, 0xff, 127]);
+        let k = filter_key(&"::ffff:127.0.0.0/104".parse().unwrap());
+        assert_eq!(
+            (k.prefix_len(), k.data()),
+            (8 + 104, filter_key(&"127.0.0.0/8".parse().unwrap()).data())
+        );
+        let k = filter_key(&"2001:db8::/32".parse().unwrap());
+        assert_eq!(k.prefix_len(), 8 + 32);
+        assert_eq!(k.data()[..5], [6, 0x20, 0x01, 0x0d, 0xb8]);
+        let k = filter_key(&"::/0".parse().unwrap());
+        assert_eq!((k.prefix_len(), k.data()[0]), (8, 6));
+    }
+}
