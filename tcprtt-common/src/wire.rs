@@ -123,10 +123,13 @@ pub mod wstat {
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: all four are repr(C), padding-free and valid for any bit pattern.
+    // SAFETY: repr(C), padding-free and valid for any bit pattern.
     unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowState {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::PendingKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::WireConfig {}
 }
 

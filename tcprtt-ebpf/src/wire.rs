@@ -23,7 +23,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use tcprtt_common::{
-    AF_INET, AF_INET6, HistKey, filter, group,
+    AF_INET, AF_INET6, HistKey, family, filter, group,
     wire::{FlowKey, FlowState, PendingKey, WireConfig, flow, wstat},
 };
 
@@ -46,10 +46,8 @@ const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
-/// TCP options take at most 40 bytes, and each option at least one: the option walk
-/// ends within this many steps, a bound the verifier can see.
+/// TCP options take at most 40 bytes.
 const MAX_OPTIONS_LEN: usize = 40;
-const MAX_OPTION_STEPS: usize = MAX_OPTIONS_LEN;
 
 #[unsafe(no_mangle)]
 static WIRE_CONFIG: Global<WireConfig> = Global::new(WireConfig::ZERO);
@@ -124,6 +122,9 @@ struct Segment {
 /// half, and a program finishes before the packet moves on.
 struct Scratch {
     seg: Segment,
+    /// Offset of the TCP header, and bytes after the IP header (see `parse_tcp`).
+    l4: u32,
+    ip_payload: u32,
     /// A copy of the TCP options, for the walk in `timestamps` (64 bytes: see there).
     opts: [u8; 64],
     pending: PendingKey,
@@ -140,7 +141,8 @@ fn on_packet(ctx: &TcContext, has_l2: bool) {
     };
     // SAFETY: this CPU's own slot; see `Scratch`.
     let scratch = unsafe { &mut *scratch };
-    let parsed = parse(ctx, has_l2, &mut scratch.seg)
+    let parsed = parse_ip(ctx, has_l2, scratch)
+        .and_then(|()| parse_tcp(ctx, scratch))
         .and_then(|(start, len)| timestamps(ctx, start, len, scratch));
     match parsed {
         Ok(()) => {
@@ -203,11 +205,11 @@ fn bytes<const N: usize>(ctx: &TcContext, offset: usize) -> Result<[u8; N], u32>
     Ok(unsafe { read_unaligned(at::<[u8; N]>(ctx, offset)?) })
 }
 
-/// Parses a frame down to the TCP header into `seg`; returns where the TCP options start
-/// and their length. `Err` carries the counter of the reason it was not a usable TCP
-/// segment.
+/// Parses a frame down to the IP header of a TCP segment: fills in the addresses, and
+/// where the TCP header starts and how long the IP payload is. `Err` carries the counter
+/// of the reason it is not a usable TCP segment.
 #[inline(always)]
-fn parse(ctx: &TcContext, has_l2: bool, seg: &mut Segment) -> Result<(usize, usize), u32> {
+fn parse_ip(ctx: &TcContext, has_l2: bool, scratch: &mut Scratch) -> Result<(), u32> {
     let (l3, ethertype) = if has_l2 {
         if !linear(ctx, 14) {
             return Err(wstat::MALFORMED);
@@ -226,7 +228,7 @@ fn parse(ctx: &TcContext, has_l2: bool, seg: &mut Segment) -> Result<(usize, usi
         (0, u16::from_be(ctx.skb.protocol() as u16))
     };
 
-    let flow = &mut seg.flow;
+    let flow = &mut scratch.seg.flow;
     let (l4, ip_payload) = match ethertype {
         ETH_P_IP => {
             if !linear(ctx, l3 + 20) {
@@ -287,7 +289,25 @@ fn parse(ctx: &TcContext, has_l2: bool, seg: &mut Segment) -> Result<(usize, usi
         }
         _ => return Err(wstat::OTHER_L3),
     };
+    scratch.l4 = l4 as u32;
+    scratch.ip_payload = ip_payload as u32;
+    Ok(())
+}
 
+/// Parses the TCP header that `parse_ip` found; returns where the options start and their
+/// length.
+#[inline(always)]
+fn parse_tcp(ctx: &TcContext, scratch: &mut Scratch) -> Result<(usize, usize), u32> {
+    // Read back from map memory, which the verifier does not track: every header layout
+    // (Ethernet, VLAN, raw IP; IPv4 with options, IPv6) reaches this point in one state,
+    // instead of the rest of the program being verified once per layout. At most
+    // 18 + 60 bytes of headers come before TCP, so the mask changes nothing.
+    // SAFETY: plain reads of this CPU's scratch slot.
+    let l4 = unsafe { core::ptr::read_volatile(&scratch.l4) } as usize & 0x7f;
+    // SAFETY: as above.
+    let ip_payload = unsafe { core::ptr::read_volatile(&scratch.ip_payload) } as usize;
+    let seg = &mut scratch.seg;
+    let flow = &mut seg.flow;
     if !linear(ctx, l4 + 20) {
         return Err(wstat::MALFORMED);
     }
@@ -346,12 +366,12 @@ fn timestamps(ctx: &TcContext, start: usize, len: usize, scratch: &mut Scratch) 
     if copied != 0 {
         return Err(wstat::MALFORMED);
     }
+    // Bounded by `len` alone: every step moves `i` forward by at least one byte, so the
+    // walk ends within `len` (at most 40) steps. A separate step counter would differ in
+    // every state and keep the verifier from pruning any.
     let mut i = 0;
     let mut found = None;
-    for _ in 0..MAX_OPTION_STEPS {
-        if i >= len {
-            break;
-        }
+    while i < len {
         let Some(&kind) = opts.get(i) else { break };
         match kind {
             0 => break,
@@ -518,23 +538,28 @@ fn echo(scratch: &mut Scratch, advances: bool) {
     add(scratch, rtt_ns);
 }
 
+#[inline(always)]
+fn has_port(ports: &HashMap<u16, u8>, port: u16) -> bool {
+    // SAFETY: the port maps hold plain u8 flags, never removed while programs run.
+    unsafe { ports.get(port) }.is_some()
+}
+
 /// Adds a round trip of the side that sent the TSval (`pending.flow.s*`) to the
 /// histograms, through the same filters and grouping as the srtt programs.
 #[inline(always)]
 fn add(scratch: &mut Scratch, rtt_ns: u64) {
     let flow = &scratch.pending.flow;
     let cfg = CONFIG.load();
-    let family_ok = match cfg.family {
-        4 => flow.family == AF_INET,
-        6 => flow.family == AF_INET6,
-        _ => true,
+    let tag = if flow.family == AF_INET {
+        family::V4
+    } else {
+        family::V6
     };
-    if !family_ok
-        || (cfg.filters & filter::LADDR != 0 && !in_prefixes(&LADDRS, flow.saddr))
-        || (cfg.filters & filter::RADDR != 0 && !in_prefixes(&RADDRS, flow.daddr))
-        // SAFETY: the port maps hold plain u8 flags.
-        || (cfg.filters & filter::LPORT != 0 && unsafe { LPORTS.get(flow.sport) }.is_none())
-        || (cfg.filters & filter::RPORT != 0 && unsafe { RPORTS.get(flow.dport) }.is_none())
+    if (cfg.family != family::ANY && cfg.family != tag)
+        || (cfg.filters & filter::LADDR != 0 && !in_prefixes(&LADDRS, tag, &flow.saddr))
+        || (cfg.filters & filter::RADDR != 0 && !in_prefixes(&RADDRS, tag, &flow.daddr))
+        || (cfg.filters & filter::LPORT != 0 && !has_port(&LPORTS, flow.sport))
+        || (cfg.filters & filter::RPORT != 0 && !has_port(&RPORTS, flow.dport))
     {
         bump(wstat::FILTERED);
         return;

@@ -26,7 +26,7 @@ use crate::{
     output::{Format, Written},
     report::{ALL_TRAFFIC, Meta, Report, Unit},
     signals::Signals,
-    source::{Source, srtt::Srtt},
+    source::{Source, srtt::Srtt, wire::Wire},
 };
 
 /// Writes one line to stderr. A closed or full stderr is no reason to fail, let alone
@@ -141,7 +141,11 @@ fn large_map_memory(opts: &Options) -> Option<String> {
 }
 
 async fn trace(opts: Options, mut signals: Signals) -> Result<()> {
-    let mut source: Box<dyn Source> = Box::new(Srtt::load(&opts, OBJECT)?);
+    let mut source: Box<dyn Source> = if opts.passive.is_empty() {
+        Box::new(Srtt::load(&opts, OBJECT)?)
+    } else {
+        Box::new(Wire::load(&opts, OBJECT)?)
+    };
     say(source.banner());
     if let Some(line) = large_map_memory(&opts) {
         say(line);
@@ -183,6 +187,9 @@ async fn trace(opts: Options, mut signals: Signals) -> Result<()> {
     };
     if finished {
         reporter.report(source.as_mut())?;
+    }
+    if let Some(line) = source.farewell()? {
+        say(line);
     }
     if opts.verbose {
         say(source.self_report(stats.is_some())?);

@@ -9,15 +9,22 @@
 use std::{
     collections::HashSet,
     ffi::CStr,
-    fmt, fs, io,
+    fmt::Write as _,
+    fs, io,
     mem::{size_of, zeroed},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
+    thread,
     time::Duration,
 };
 
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray},
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttachType,
@@ -25,7 +32,19 @@ use aya::{
         tc::{self, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
     },
 };
-use tcprtt_common::wire::{PendingKey, wstat};
+use tcprtt_common::{
+    ProbeConfig, stat,
+    wire::{PendingKey, WireConfig, wstat},
+};
+
+use super::{
+    Source, Taken, double_buffer::DoubleBuffer, fill_ports, fill_prefixes, srtt::probe_config,
+    take_map,
+};
+use crate::{
+    cli::{Attach, Options},
+    report::{ALL_TRAFFIC, Grouping, Key, Losses, Row, Source as RowSource},
+};
 
 /// Program names in the eBPF object.
 const PROG_ETH: &str = "tcprtt_wire_eth";
@@ -158,15 +177,6 @@ pub enum Attached {
     Clsact,
 }
 
-impl fmt::Display for Attached {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Tcx => "tcx",
-            Self::Clsact => "clsact",
-        })
-    }
-}
-
 /// Cumulative counters of the wire programs (see `tcprtt_common::wire::wstat`), plus
 /// the pending TSvals userspace removed for age.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -202,145 +212,274 @@ impl WireCounters {
             format!("no TCP segment crossed {ifaces}")
         } else if self.no_ts_segments == self.tcp {
             format!(
-                "none of the {} TCP segments at {ifaces} carried timestamps: \
-                 is net.ipv4.tcp_timestamps=0 at an end of the connections?",
+                "none of the {} TCP segments at {ifaces} carried timestamps \
+                 (net.ipv4.tcp_timestamps=0 at an end of the connections?)",
                 self.tcp
             )
         } else if self.recorded == 0 {
             format!(
                 "no TCP segment at {ifaces} started a round trip (a new TSval on a segment \
-                 with data, SYN or FIN): connections met mid-flow need one more data segment"
+                 with data, SYN or FIN; a connection met mid-flow needs one more)"
             )
         } else if self.echoed == 0 {
             format!(
-                "{} TSvals were recorded at {ifaces} but none was echoed back through it: \
-                 does the return path use another interface?",
+                "{} TSvals were recorded at {ifaces} but none was echoed back through it \
+                 (does the return path use another interface?)",
                 self.recorded
             )
         } else {
             format!(
-                "{} echoes at {ifaces}, none timed: {} acknowledged no new data (RTTM rule), \
-                 {} came later than the age limit, {} fell outside the filters",
+                "{} first echoes at {ifaces}, none timed: {} acknowledged no new data \
+                 (RTTM rule), {} came later than --max-rtt, {} fell outside the filters",
                 self.echoed, self.not_advancing, self.aged, self.filtered
             )
         }
     }
 }
 
-/// The loaded, attached wire programs and their state maps.
-pub struct WireProbe {
-    /// Owns the programs, maps and links: dropping it detaches everything.
-    pub ebpf: Ebpf,
-    pub ifaces: Vec<Iface>,
-    pub attached: Attached,
-    /// Why TCX was not used, when `TcMode::Auto` fell back to clsact.
-    pub fallback_reason: Option<String>,
+/// Where the programs ended up, and what attaching them took.
+struct Attachment {
+    attached: Attached,
+    /// Why TCX was not used, when `--attach auto` fell back to clsact.
+    fallback_reason: Option<String>,
     /// Stale filters of an earlier, killed tcprtt removed at start, one line each.
-    pub removed_stale: Vec<String>,
+    removed_stale: Vec<String>,
     /// Interfaces (by index) this run added a clsact qdisc to; deleted at the end when
     /// nothing else uses it.
     added_clsact: Vec<u32>,
-    stats: PerCpuArray<MapData, u64>,
-    pending: HashMap<MapData, PendingKey, u64>,
-    /// Pending TSvals removed by [`Self::sweep`].
-    swept: u64,
-    max_age: Duration,
 }
 
-impl WireProbe {
-    /// Attaches the programs of an already loaded object (its `CONFIG` and `WIRE_CONFIG`
-    /// set, map sizes chosen) to every interface, at ingress and egress.
-    pub fn attach(
-        mut ebpf: Ebpf,
-        ifaces: Vec<Iface>,
-        mode: TcMode,
-        max_age: Duration,
-    ) -> Result<Self> {
-        let mut removed_stale = Vec::new();
-        let mut added_clsact = Vec::new();
-        let mut fallback_reason = None;
-        let mut attached = match mode {
+/// Loads the program each interface needs and attaches it at ingress and egress.
+fn attach_all(ebpf: &mut Ebpf, ifaces: &[Iface], mode: TcMode) -> Result<Attachment> {
+    let mut out = Attachment {
+        attached: match mode {
             TcMode::Clsact => Attached::Clsact,
             TcMode::Auto | TcMode::Tcx => Attached::Tcx,
-        };
-        for iface in &ifaces {
-            let name = if iface.has_l2 { PROG_ETH } else { PROG_IP };
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
-                .try_into()?;
-            if prog.fd().is_err() {
-                prog.load()
-                    .map_err(|e| anyhow!("the kernel refused {name}: {}", refusal(&e)))?;
-            }
-            for direction in [TcAttachType::Ingress, TcAttachType::Egress] {
-                if attached == Attached::Tcx {
-                    let order = TcAttachOptions::TcxOrder(LinkOrder::first());
-                    match prog.attach_with_options(&iface.name, direction, order) {
-                        Ok(_) => continue,
-                        Err(e) if mode == TcMode::Auto && iface == &ifaces[0] => {
-                            fallback_reason = Some(format!("TCX refused: {}", refusal(&e)));
-                            attached = Attached::Clsact;
-                        }
-                        Err(e) => bail!(
-                            "attaching {name} to {} {}: {}",
-                            iface.name,
-                            direction_name(direction),
-                            refusal(&e)
-                        ),
+        },
+        fallback_reason: None,
+        removed_stale: Vec::new(),
+        added_clsact: Vec::new(),
+    };
+    for (n, iface) in ifaces.iter().enumerate() {
+        let name = program_for(iface);
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+            .try_into()?;
+        if prog.fd().is_err() {
+            prog.load()
+                .map_err(|e| anyhow!("the kernel refused {name}: {}", refusal(&e)))?;
+        }
+        for direction in [TcAttachType::Ingress, TcAttachType::Egress] {
+            if out.attached == Attached::Tcx {
+                // First, so that no other program can drop or redirect a packet before
+                // it is seen.
+                let order = TcAttachOptions::TcxOrder(LinkOrder::first());
+                match prog.attach_with_options(&iface.name, direction, order) {
+                    Ok(_) => continue,
+                    // Only the very first attach may fall back: every interface of a run
+                    // is attached the same way.
+                    Err(e) if mode == TcMode::Auto && n == 0 => {
+                        out.fallback_reason = Some(format!("TCX refused: {}", refusal(&e)));
+                        out.attached = Attached::Clsact;
                     }
-                }
-                if direction == TcAttachType::Ingress {
-                    removed_stale.extend(remove_stale_filters(iface)?);
-                    match tc::qdisc_add_clsact(&iface.name) {
-                        Ok(()) => added_clsact.push(iface.index),
-                        Err(e) if is_exists(&e) => {}
-                        Err(e) => {
-                            return Err(e).with_context(|| {
-                                format!("adding a clsact qdisc to {}", iface.name)
-                            });
-                        }
-                    }
-                }
-                prog.attach_with_options(
-                    &iface.name,
-                    direction,
-                    TcAttachOptions::Netlink(tc::NlOptions::default()),
-                )
-                .map_err(|e| {
-                    anyhow!(
-                        "attaching {name} to {} {} (clsact): {}",
+                    Err(e) => bail!(
+                        "attaching {name} to {} {} with TCX: {}",
                         iface.name,
                         direction_name(direction),
                         refusal(&e)
-                    )
-                })?;
+                    ),
+                }
             }
+            if direction == TcAttachType::Ingress {
+                out.removed_stale.extend(remove_stale_filters(iface)?);
+                match tc::qdisc_add_clsact(&iface.name) {
+                    Ok(()) => out.added_clsact.push(iface.index),
+                    Err(e) if is_exists(&e) => {}
+                    Err(e) => {
+                        return Err(e)
+                            .with_context(|| format!("adding a clsact qdisc to {}", iface.name));
+                    }
+                }
+            }
+            prog.attach_with_options(
+                &iface.name,
+                direction,
+                TcAttachOptions::Netlink(tc::NlOptions::default()),
+            )
+            .map_err(|e| {
+                anyhow!(
+                    "attaching {name} to {} {} with clsact: {}",
+                    iface.name,
+                    direction_name(direction),
+                    refusal(&e)
+                )
+            })?;
         }
-        let stats = PerCpuArray::try_from(
-            ebpf.take_map("WIRE_STATS")
-                .context("map WIRE_STATS missing from the eBPF object")?,
-        )?;
-        let pending = HashMap::try_from(
-            ebpf.take_map("WIRE_PENDING")
-                .context("map WIRE_PENDING missing from the eBPF object")?,
-        )?;
+    }
+    Ok(out)
+}
+
+fn program_for(iface: &Iface) -> &'static str {
+    if iface.has_l2 { PROG_ETH } else { PROG_IP }
+}
+
+/// A thread that removes pending TSvals older than `--max-rtt` every second: they were
+/// never echoed (a delayed ACK echoes one TSval of two), so they can no longer give a
+/// sample, and would otherwise fill the map.
+struct Sweeper {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<thread::JoinHandle<()>>,
+    swept: Arc<AtomicU64>,
+}
+
+const SWEEP_PERIOD: Duration = Duration::from_secs(1);
+
+impl Sweeper {
+    fn start(mut pending: HashMap<MapData, PendingKey, u64>, max_age: Duration) -> Result<Self> {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let swept = Arc::new(AtomicU64::new(0));
+        let count = swept.clone();
+        let limit = u64::try_from(max_age.as_nanos()).unwrap_or(u64::MAX);
+        let thread = thread::Builder::new()
+            .name("sweeper".into())
+            .spawn(move || {
+                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(SWEEP_PERIOD)
+                {
+                    // A failed sweep is tried again a second later; the map's own full
+                    // counter reports what it costs meanwhile.
+                    if let Ok(n) = sweep(&mut pending, limit) {
+                        count.fetch_add(n, Ordering::Relaxed);
+                    }
+                }
+            })
+            .context("starting the thread that ages out pending TSvals")?;
         Ok(Self {
-            ebpf,
-            ifaces,
-            attached,
-            fallback_reason,
-            removed_stale,
-            added_clsact,
-            stats,
-            pending,
-            swept: 0,
-            max_age,
+            stop: Some(stop),
+            thread: Some(thread),
+            swept,
         })
     }
 
+    fn swept(&self) -> u64 {
+        self.swept.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Sweeper {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Removes the entries of `pending` older than `limit_ns`; returns how many it removed.
+fn sweep(pending: &mut HashMap<MapData, PendingKey, u64>, limit_ns: u64) -> Result<u64> {
+    let now = monotonic_ns()?;
+    let stale: Vec<PendingKey> = pending
+        .iter()
+        .take(PENDING_ENTRIES as usize)
+        // An entry that vanished while listing was echoed meanwhile.
+        .filter_map(Result::ok)
+        .filter(|(_, sent)| now.saturating_sub(*sent) > limit_ns)
+        .map(|(key, _)| key)
+        .collect();
+    // A key already gone was taken by its echo, which the kernel counted.
+    Ok(stale
+        .iter()
+        .filter(|key| pending.remove(key).is_ok())
+        .count() as u64)
+}
+
+/// Counters the report needs, cumulative.
+#[derive(Clone, Copy, Debug, Default)]
+struct Totals {
+    dropped: u64,
+    no_memory: u64,
+    /// Samples counted in a histogram or dropped.
+    samples: u64,
+}
+
+/// The wire source.
+pub struct Wire {
+    /// Owns the programs, links and the maps not taken out of it.
+    ebpf: Ebpf,
+    ifaces: Vec<Iface>,
+    attachment: Attachment,
+    grouping: Grouping,
+    buffers: DoubleBuffer,
+    stats: PerCpuArray<MapData, u64>,
+    wire_stats: PerCpuArray<MapData, u64>,
+    sweeper: Sweeper,
+    totals: Totals,
+}
+
+impl Wire {
+    /// Loads the wire programs with the options' filters and grouping and attaches them to
+    /// every `--passive` interface.
+    pub fn load(opts: &Options, object: &[u8]) -> Result<Self> {
+        let config = probe_config(opts, ProbeConfig::ZERO);
+        let wire_config = WireConfig {
+            max_age_ns: u64::try_from(opts.max_rtt.as_nanos()).unwrap_or(u64::MAX),
+        };
+        let hist_entries = if opts.grouping == ALL_TRAFFIC {
+            1
+        } else {
+            opts.max_keys
+        };
+        let len = |n: usize| n.max(1) as u32;
+        let mut ebpf = EbpfLoader::new()
+            .override_global("CONFIG", &config, true)
+            .override_global("WIRE_CONFIG", &wire_config, true)
+            .map_max_entries("HIST0", hist_entries)
+            .map_max_entries("HIST1", hist_entries)
+            .map_max_entries("WIRE_FLOWS", FLOW_ENTRIES)
+            .map_max_entries("WIRE_PENDING", PENDING_ENTRIES)
+            .map_max_entries("LADDRS", len(opts.laddr.len()))
+            .map_max_entries("RADDRS", len(opts.raddr.len()))
+            .map_max_entries("LPORTS", len(opts.lport.len()))
+            .map_max_entries("RPORTS", len(opts.rport.len()))
+            .load(object)
+            .context("loading the eBPF object into the kernel")?;
+        fill_prefixes(&mut ebpf, "LADDRS", &opts.laddr)?;
+        fill_prefixes(&mut ebpf, "RADDRS", &opts.raddr)?;
+        fill_ports(&mut ebpf, "LPORTS", &opts.lport)?;
+        fill_ports(&mut ebpf, "RPORTS", &opts.rport)?;
+        let buffers = DoubleBuffer::new(&mut ebpf, "")?;
+        let stats = take_map(&mut ebpf, "STATS")?;
+        let wire_stats = take_map(&mut ebpf, "WIRE_STATS")?;
+        let sweeper = Sweeper::start(take_map(&mut ebpf, "WIRE_PENDING")?, opts.max_rtt)?;
+        let mode = match opts.attach {
+            Attach::Tcx => TcMode::Tcx,
+            Attach::Clsact => TcMode::Clsact,
+            _ => TcMode::Auto,
+        };
+        // From here on `Wire`'s drop undoes whatever attaching did, also when it fails
+        // half-way.
+        let mut wire = Self {
+            ebpf,
+            ifaces: opts.passive.clone(),
+            attachment: Attachment {
+                attached: Attached::Tcx,
+                fallback_reason: None,
+                removed_stale: Vec::new(),
+                added_clsact: Vec::new(),
+            },
+            grouping: opts.grouping,
+            buffers,
+            stats,
+            wire_stats,
+            sweeper,
+            totals: Totals::default(),
+        };
+        wire.attachment = attach_all(&mut wire.ebpf, &wire.ifaces, mode)?;
+        Ok(wire)
+    }
+
     /// The interfaces as one phrase: `eth0` or `eth0, eth1`.
-    pub fn iface_names(&self) -> String {
+    fn iface_names(&self) -> String {
         self.ifaces
             .iter()
             .map(|i| i.name.as_str())
@@ -348,36 +487,11 @@ impl WireProbe {
             .join(", ")
     }
 
-    /// Removes pending TSvals older than the age limit (never echoed, so never timed) and
-    /// counts them. Bounded: entries that come and go meanwhile are met at the next sweep.
-    pub fn sweep(&mut self) -> Result<()> {
-        let now = monotonic_ns()?;
-        let limit = self.max_age.as_nanos() as u64;
-        let mut stale = Vec::new();
-        for item in self.pending.iter().take(PENDING_ENTRIES as usize) {
-            let (key, sent) = match item {
-                Ok(item) => item,
-                // An entry deleted while listing: it was echoed meanwhile.
-                Err(_) => continue,
-            };
-            if now.saturating_sub(sent) > limit {
-                stale.push(key);
-            }
-        }
-        for key in stale {
-            // Gone already means an echo took it: the kernel counted that one.
-            if self.pending.remove(&key).is_ok() {
-                self.swept += 1;
-            }
-        }
-        Ok(())
-    }
-
     /// The programs' counters since the start.
-    pub fn counters(&self) -> Result<WireCounters> {
+    fn counters(&self) -> Result<WireCounters> {
         let sum = |index: u32| -> Result<u64> {
             let per_cpu = self
-                .stats
+                .wire_stats
                 .get(&index, 0)
                 .with_context(|| format!("reading wire counter {index}"))?;
             Ok(per_cpu.iter().sum())
@@ -395,27 +509,172 @@ impl WireProbe {
             pending_full: sum(wstat::PENDING_FULL)?,
             echoed: sum(wstat::ECHOED)?,
             not_advancing: sum(wstat::NOT_ADVANCING)?,
-            aged: sum(wstat::AGED)? + self.swept,
+            aged: sum(wstat::AGED)? + self.sweeper.swept(),
             filtered: sum(wstat::FILTERED)?,
             flow_full: sum(wstat::FLOW_FULL)?,
         })
     }
+
+    fn stat(&self, index: u32) -> Result<u64> {
+        let per_cpu = self
+            .stats
+            .get(&index, 0)
+            .with_context(|| format!("reading event counter {index}"))?;
+        Ok(per_cpu.iter().sum())
+    }
+
+    /// Run count and run time of the loaded wire programs (both only move while run-time
+    /// statistics are on).
+    fn cost(&self) -> Result<(u64, u128)> {
+        let mut runs = 0;
+        let mut ns = 0;
+        for name in [PROG_ETH, PROG_IP] {
+            let Some(prog) = self.ebpf.program(name) else {
+                continue;
+            };
+            if prog.fd().is_err() {
+                continue;
+            }
+            let info = prog
+                .info()
+                .context("reading the program's run-time statistics")?;
+            runs += info.run_count();
+            ns += info.run_time().as_nanos();
+        }
+        Ok((runs, ns))
+    }
 }
 
-impl Drop for WireProbe {
-    /// The links go with the programs (the `Ebpf` drop); a clsact qdisc this run added
-    /// goes too, unless someone else's filters sit on it now.
+impl Source for Wire {
+    fn banner(&self) -> String {
+        let mut text = format!(
+            "Tracing TCP RTT on the wire at {} (TCP timestamps). Hit Ctrl-C to end.",
+            self.iface_names()
+        );
+        if let Some(why) = &self.attachment.fallback_reason {
+            let _ = write!(text, "\ntcprtt: {why}: attached through a clsact qdisc");
+        }
+        for line in &self.attachment.removed_stale {
+            let _ = write!(text, "\ntcprtt: {line}");
+        }
+        text
+    }
+
+    fn hook(&self) -> &'static str {
+        match self.attachment.attached {
+            Attached::Tcx => "tcx",
+            Attached::Clsact => "clsact",
+        }
+    }
+
+    fn drain(&mut self) -> Result<()> {
+        self.buffers.drain()
+    }
+
+    fn take(&mut self) -> Result<Taken> {
+        let rows: Vec<Row> = self
+            .buffers
+            .take()?
+            .into_iter()
+            .map(|(raw, hist)| Row {
+                source: RowSource::Wire,
+                key: Key::decode(self.grouping, &raw),
+                hist,
+            })
+            .collect();
+        let dropped = self.stat(stat::DROPPED)?;
+        let no_memory = self.stat(stat::NO_MEMORY)?;
+        let losses = Losses {
+            dropped: dropped - self.totals.dropped,
+            no_memory: no_memory - self.totals.no_memory,
+            // TC programs are not skipped for recursion: nothing runs them re-entrantly.
+            missed: 0,
+        };
+        let counted: u64 = rows.iter().map(|r| r.hist.count).sum();
+        self.totals = Totals {
+            dropped,
+            no_memory,
+            samples: self.totals.samples + counted + losses.dropped + losses.no_memory,
+        };
+        Ok(Taken { rows, losses })
+    }
+
+    fn self_report(&self, stats_on: bool) -> Result<String> {
+        let c = self.counters()?;
+        let cost = if stats_on {
+            match self.cost()? {
+                (0, _) => "no runs".to_string(),
+                (runs, ns) => format!(
+                    "{:.1} ns per packet ({ns} ns over {runs} runs)",
+                    ns as f64 / runs as f64
+                ),
+            }
+        } else {
+            "not measured (run-time statistics need CAP_SYS_ADMIN)".to_string()
+        };
+        Ok(format!(
+            "tcprtt: wire at {} via {}; TCP segments {} ({} without timestamps, on {} \
+             connection directions), other IP protocols {}, unparsed {} (not IP {}, IPv6 \
+             extension headers {}, fragments {}, malformed {}); TSvals recorded {}, first echoes \
+             {} (not advancing the ACK {}, later than --max-rtt {}), samples {}, filtered out {}, \
+             dropped {}, pending map full {}, flow table full {}; in-kernel cost {cost}",
+            self.iface_names(),
+            self.hook(),
+            c.tcp,
+            c.no_ts_segments,
+            c.no_ts_flows,
+            c.not_tcp,
+            c.unparsed(),
+            c.other_l3,
+            c.ipv6_ext,
+            c.fragment,
+            c.malformed,
+            c.recorded,
+            c.echoed,
+            c.not_advancing,
+            c.aged,
+            self.totals.samples,
+            c.filtered,
+            self.totals.dropped + self.totals.no_memory,
+            c.pending_full,
+            c.flow_full,
+        ))
+    }
+
+    fn farewell(&self) -> Result<Option<String>> {
+        let c = self.counters()?;
+        let mut lines = Vec::new();
+        if self.totals.samples == 0 {
+            lines.push(format!(
+                "tcprtt: nothing was timed: {}",
+                c.why_nothing(&self.iface_names())
+            ));
+        }
+        if c.pending_full > 0 {
+            lines.push(format!(
+                "tcprtt: {} TSvals were not timed: the pending map ({PENDING_ENTRIES} entries) \
+                 was full",
+                c.pending_full
+            ));
+        }
+        Ok((!lines.is_empty()).then(|| lines.join("\n")))
+    }
+}
+
+impl Drop for Wire {
+    /// Detaches the programs first (their links and filters), then deletes a clsact qdisc
+    /// this run added, unless someone else's filters sit on it now.
     fn drop(&mut self) {
         for iface in &self.ifaces {
             if let Some(prog) = self
                 .ebpf
-                .program_mut(if iface.has_l2 { PROG_ETH } else { PROG_IP })
+                .program_mut(program_for(iface))
                 .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
             {
                 let _ = prog.unload();
             }
         }
-        for &index in &self.added_clsact {
+        for &index in &self.attachment.added_clsact {
             let in_use = [TcAttachType::Ingress, TcAttachType::Egress]
                 .iter()
                 .any(|&d| list_filters(index, d).map_or(true, |f| !f.is_empty()));
