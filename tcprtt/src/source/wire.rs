@@ -244,8 +244,8 @@ struct Attachment {
     fallback_reason: Option<String>,
     /// Stale filters of an earlier, killed tcprtt removed at start, one line each.
     removed_stale: Vec<String>,
-    /// Interfaces (by index) this run added a clsact qdisc to; deleted at the end when
-    /// nothing else uses it.
+    /// Interfaces (by index) this run added a clsact qdisc to, or found one holding only
+    /// stale filters of ours; deleted at the end when nothing else uses it.
     added_clsact: Vec<u32>,
 }
 
@@ -292,10 +292,17 @@ fn attach_all(ebpf: &mut Ebpf, ifaces: &[Iface], mode: TcMode) -> Result<Attachm
                 }
             }
             if direction == TcAttachType::Ingress {
-                out.removed_stale.extend(remove_stale_filters(iface)?);
+                let stale = remove_stale_filters(iface)?;
+                // A qdisc that held only a killed run's filters is ours to remove too.
+                let ours = !stale.is_empty();
+                out.removed_stale.extend(stale);
                 match tc::qdisc_add_clsact(&iface.name) {
                     Ok(()) => out.added_clsact.push(iface.index),
-                    Err(e) if is_exists(&e) => {}
+                    Err(e) if is_exists(&e) => {
+                        if ours {
+                            out.added_clsact.push(iface.index);
+                        }
+                    }
                     Err(e) => {
                         return Err(e)
                             .with_context(|| format!("adding a clsact qdisc to {}", iface.name));
@@ -695,7 +702,9 @@ fn direction_name(direction: TcAttachType) -> &'static str {
 fn is_exists(err: &TcError) -> bool {
     match err {
         TcError::AlreadyAttached => true,
-        other => other.to_string().contains("exists"),
+        TcError::NetlinkError(e) => e.raw_os_error() == Some(libc::EEXIST),
+        TcError::IoError(e) => e.raw_os_error() == Some(libc::EEXIST),
+        _ => false,
     }
 }
 
