@@ -1,13 +1,14 @@
 //! Command-line arguments and the checks clap cannot express.
 
-use std::{path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 use ipnet::IpNet;
 use tcprtt_common::family;
 
 use crate::{
-    report::{ALL_TRAFFIC, BY_FLOW, BY_LADDR, BY_LPORT, BY_RADDR, BY_RPORT, Grouping},
+    output::prometheus::PrometheusOptions,
+    report::{ALL_TRAFFIC, BY_FLOW, BY_LADDR, BY_LPORT, BY_RADDR, BY_RPORT, Grouping, Unit},
     source::wire::{self, Iface},
 };
 
@@ -25,6 +26,7 @@ Examples:
   sudo tcprtt -e                    # add count, min, max and percentiles
   sudo tcprtt --by-flow --top 10    # the 10 connections with the highest average RTT
   sudo tcprtt --json -i 10          # one JSON object per line every 10 s, for scripts
+  sudo tcprtt -B --prometheus 127.0.0.1:9464   # serve /metrics for Prometheus
   sudo tcprtt --passive eth0 -B     # RTTs on the wire at eth0 (TCP timestamps), also forwarded flows
   sudo tcprtt --passive eth1 --by-flow -m   # on a router: both sides of each flow and their sum";
 
@@ -104,6 +106,16 @@ pub struct Cli {
     /// One JSON object per report on stdout (NDJSON) instead of text
     #[arg(long)]
     pub json: bool,
+    /// Serve cumulative histograms for Prometheus at http://ADDR/metrics (e.g. 127.0.0.1:9464
+    /// or [::]:9464); reports on stdout go on as usual
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+    pub prometheus: Option<SocketAddr>,
+    /// With --prometheus: bucket edges at every fine bucket (193) instead of the 27 bcc rows
+    #[arg(long)]
+    pub prometheus_fine_buckets: bool,
+    /// With --prometheus: series without a sample for SECS leave the exposition [default: 600]
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    pub key_ttl: Option<Duration>,
     /// At the end, print event counts and the in-kernel cost per event on stderr
     #[arg(short = 'v', long)]
     pub verbose: bool,
@@ -160,6 +172,15 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
     }
 }
 
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| {
+        format!("'{s}' is not a listen address: give IP:PORT, e.g. 127.0.0.1:9464 or [::]:9464")
+    })
+}
+
+/// How long an idle series stays in the Prometheus exposition by default.
+const DEFAULT_KEY_TTL: Duration = Duration::from_secs(600);
+
 fn parse_top(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(n) if n > 0 => Ok(n),
@@ -198,6 +219,7 @@ pub struct Options {
     pub extension: bool,
     pub top: Option<usize>,
     pub json: bool,
+    pub prometheus: Option<PrometheusOptions>,
     pub verbose: bool,
     pub attach: Attach,
     pub btf: Option<PathBuf>,
@@ -258,6 +280,17 @@ pub fn is_ipv4_prefix(net: &IpNet) -> bool {
     }
 }
 
+impl Options {
+    /// The unit every recorded value is in.
+    pub fn unit(&self) -> Unit {
+        if self.milliseconds {
+            Unit::Millis
+        } else {
+            Unit::Micros
+        }
+    }
+}
+
 /// Checks combinations of arguments; the error is one line naming the bad value and the fix.
 pub fn validate(cli: Cli) -> Result<Options, String> {
     let passive = validate_passive(&cli)?;
@@ -280,6 +313,14 @@ pub fn validate(cli: Cli) -> Result<Options, String> {
         return Err(format!(
             "--top {n} needs a grouping: add --by-laddr, --by-raddr, --by-lport, --by-rport or --by-flow"
         ));
+    }
+    if cli.prometheus.is_none() {
+        if cli.prometheus_fine_buckets {
+            return Err("--prometheus-fine-buckets needs --prometheus ADDR".into());
+        }
+        if cli.key_ttl.is_some() {
+            return Err("--key-ttl needs --prometheus ADDR".into());
+        }
     }
     if cli.ipv4 && cli.ipv6 {
         return Err("-4 and -6 cannot be combined: leave both out to trace both families".into());
@@ -320,6 +361,12 @@ pub fn validate(cli: Cli) -> Result<Options, String> {
         extension: cli.extension,
         top: cli.top,
         json: cli.json,
+        prometheus: cli.prometheus.map(|addr| PrometheusOptions {
+            addr,
+            fine_buckets: cli.prometheus_fine_buckets,
+            ttl: cli.key_ttl.unwrap_or(DEFAULT_KEY_TTL),
+            max_series: cli.max_keys,
+        }),
         verbose: cli.verbose,
         attach: cli.attach,
         btf: cli.btf,
@@ -397,6 +444,12 @@ mod tests {
                 "--by-lport and --by-flow cannot be combined",
             ),
             (&["--top", "5"], "--top 5 needs a grouping"),
+            (&["--key-ttl", "5"], "--key-ttl needs --prometheus ADDR"),
+            (
+                &["--prometheus-fine-buckets"],
+                "--prometheus-fine-buckets needs --prometheus",
+            ),
+            (&["--prometheus", "9464"], "'9464' is not a listen address"),
             (
                 &["--by-flow", "--top", "0"],
                 "'0' is not a positive number of keys",

@@ -23,8 +23,8 @@ use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep_until};
 
 use crate::{
     cli::{Cli, Options},
-    output::{Format, Written},
-    report::{ALL_TRAFFIC, Meta, Report, Unit},
+    output::{Format, Written, prometheus::Exposition},
+    report::{ALL_TRAFFIC, Meta, Pending, Report},
     signals::Signals,
     source::{Source, srtt::Srtt, wire::Wire},
 };
@@ -140,13 +140,38 @@ fn large_map_memory(opts: &Options) -> Option<String> {
     })
 }
 
+/// How often the kernel's maps are drained: often enough for scrapes to be current with
+/// `--prometheus`, and otherwise just often enough that no 32-bit kernel bucket can wrap.
+fn drain_period(opts: &Options) -> Duration {
+    if opts.prometheus.is_some() {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_secs(tcprtt_common::DRAIN_PERIOD_SECS)
+    }
+}
+
 async fn trace(opts: Options, mut signals: Signals) -> Result<()> {
-    let mut source: Box<dyn Source> = if opts.passive.is_empty() {
+    let listener = match &opts.prometheus {
+        Some(prom) => Some(output::prometheus::bind(prom.addr).await?),
+        None => None,
+    };
+    let source: Box<dyn Source> = if opts.passive.is_empty() {
         Box::new(Srtt::load(&opts, OBJECT)?)
     } else {
         Box::new(Wire::load(&opts, OBJECT)?)
     };
     say(source.banner());
+    let exposition = match (listener, &opts.prometheus) {
+        (Some(listener), Some(prom)) => {
+            let exposition = Exposition::start(listener, prom, source.hook(), opts.unit())?;
+            say(format_args!(
+                "Serving Prometheus metrics at {}",
+                exposition.url()
+            ));
+            Some(exposition)
+        }
+        _ => None,
+    };
     if let Some(line) = large_map_memory(&opts) {
         say(line);
     }
@@ -158,8 +183,11 @@ async fn trace(opts: Options, mut signals: Signals) -> Result<()> {
     signals.tracing();
 
     let start = Instant::now();
-    let mut reporter = Reporter {
+    let mut run = Run {
         opts: &opts,
+        source,
+        pending: Pending::default(),
+        exposition,
         since: start,
     };
     let deadline = opts.duration.map(|d| start + d);
@@ -169,7 +197,7 @@ async fn trace(opts: Options, mut signals: Signals) -> Result<()> {
         .unwrap_or(Duration::from_secs(u32::MAX.into()));
     let mut ticker = interval_at(start + period, period);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let drain_period = Duration::from_secs(tcprtt_common::DRAIN_PERIOD_SECS);
+    let drain_period = drain_period(&opts);
     let mut drainer = interval_at(start + drain_period, drain_period);
     drainer.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let finished = loop {
@@ -177,25 +205,25 @@ async fn trace(opts: Options, mut signals: Signals) -> Result<()> {
             biased;
             _ = signals.recv() => break true,
             _ = sleep_until(deadline.unwrap_or(start)), if deadline.is_some() => break true,
-            _ = drainer.tick() => source.drain()?,
+            _ = drainer.tick() => run.collect()?,
             _ = ticker.tick(), if opts.interval.is_some() => {
-                if reporter.report(source.as_mut())? == Written::Closed {
+                if run.report()? == Written::Closed {
                     break false;
                 }
             }
         }
     };
     if finished {
-        reporter.report(source.as_mut())?;
+        run.report()?;
     }
-    if let Some(line) = source.farewell()? {
+    if let Some(line) = run.source.farewell()? {
         say(line);
     }
     if opts.verbose {
-        say(source.self_report(stats.is_some())?);
+        say(run.source.self_report(stats.is_some())?);
     }
     // Dropping the source detaches its programs and frees its maps.
-    drop(source);
+    drop(run);
     Ok(())
 }
 
@@ -211,32 +239,44 @@ fn raise_memlock_limit() {
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
 }
 
-struct Reporter<'a> {
+/// The state of a run: the source, what it measured since the last report, and the
+/// cumulative exposition.
+struct Run<'a> {
     opts: &'a Options,
+    source: Box<dyn Source>,
+    pending: Pending,
+    exposition: Option<Exposition>,
     /// Start of the interval the next report covers.
     since: Instant,
 }
 
-impl Reporter<'_> {
-    fn report(&mut self, source: &mut dyn Source) -> Result<Written> {
-        let taken = source.take()?;
+impl Run<'_> {
+    /// Takes what the kernel recorded into the next report and the exposition.
+    fn collect(&mut self) -> Result<()> {
+        let taken = self.source.take()?;
+        if let Some(exposition) = &mut self.exposition {
+            exposition.add(&taken.rows, taken.losses);
+        }
+        self.pending.add(&taken.rows, taken.losses);
+        Ok(())
+    }
+
+    fn report(&mut self) -> Result<Written> {
+        self.collect()?;
+        let (rows, losses) = self.pending.take();
         let now = Instant::now();
         let opts = self.opts;
         let mut report = Report {
             meta: Meta {
-                hook: source.hook(),
+                hook: self.source.hook(),
                 grouping: opts.grouping,
-                unit: if opts.milliseconds {
-                    Unit::Millis
-                } else {
-                    Unit::Micros
-                },
+                unit: opts.unit(),
                 end: Timestamp::now(),
                 length: now - self.since,
-                losses: taken.losses,
+                losses,
                 max_keys: opts.max_keys,
             },
-            rows: taken.rows,
+            rows,
         };
         self.since = now;
         report.order(opts.top);

@@ -2,6 +2,7 @@
 //! histogram, plus what the report covers and what could not be counted.
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::Duration,
 };
@@ -12,7 +13,7 @@ use tcprtt_common::{AF_INET, AF_INET6, HistKey, group};
 use crate::histogram::Histogram;
 
 /// Where a row's samples were measured.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Source {
     /// The kernel's smoothed RTT of local sockets (`tcp_sock.srtt_us`).
     Srtt,
@@ -93,7 +94,7 @@ pub const BY_FLOW: Grouping = Grouping {
 };
 
 /// Address family of a key, as users name it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Family {
     Ipv4,
     Ipv6,
@@ -111,7 +112,7 @@ impl Family {
 /// A decoded histogram key: the parts of a connection its grouping keeps, `None` for the
 /// rest. The field order is the listing order: local before remote, IPv4 before IPv6,
 /// addresses and ports numerically.
-#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Key {
     pub laddr: Option<IpAddr>,
     pub lport: Option<u16>,
@@ -166,6 +167,44 @@ pub struct Losses {
     pub no_memory: u64,
     /// Segments the kernel skipped the program for (it was already running on that CPU).
     pub missed: u64,
+}
+
+impl Losses {
+    pub fn add(&mut self, other: Losses) {
+        self.dropped += other.dropped;
+        self.no_memory += other.no_memory;
+        self.missed += other.missed;
+    }
+}
+
+/// What the sources handed over since the last report: the kernel is drained more often
+/// than reports are printed.
+#[derive(Debug, Default)]
+pub struct Pending {
+    rows: HashMap<(Source, Key), Histogram>,
+    losses: Losses,
+}
+
+impl Pending {
+    pub fn add(&mut self, rows: &[Row], losses: Losses) {
+        for row in rows {
+            self.rows
+                .entry((row.source, row.key.clone()))
+                .or_default()
+                .absorb(&row.hist);
+        }
+        self.losses.add(losses);
+    }
+
+    /// Everything added since the last call.
+    pub fn take(&mut self) -> (Vec<Row>, Losses) {
+        let rows = self
+            .rows
+            .drain()
+            .map(|((source, key), hist)| Row { source, key, hist })
+            .collect();
+        (rows, std::mem::take(&mut self.losses))
+    }
 }
 
 /// Unit of every value in a report.
@@ -373,6 +412,30 @@ mod tests {
         assert_eq!(pairs[0].average(), 80_000.0);
         report.rows[0].source = Source::Srtt;
         assert!(report.flow_sides().is_empty());
+    }
+
+    #[test]
+    fn pending_rows_merge_by_key_until_taken() {
+        let mut pending = Pending::default();
+        let losses = Losses {
+            dropped: 1,
+            no_memory: 0,
+            missed: 2,
+        };
+        pending.add(&[row(BY_RADDR, v4([127, 0, 0, 2]), &[5, 7])], losses);
+        pending.add(
+            &[
+                row(BY_RADDR, v4([127, 0, 0, 2]), &[900]),
+                row(BY_RADDR, v6("::1"), &[3]),
+            ],
+            losses,
+        );
+        let (mut rows, taken) = pending.take();
+        rows.sort_by(|a, b| a.key.cmp(&b.key));
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].hist, Histogram::from_samples([5, 7, 900]));
+        assert_eq!((taken.dropped, taken.missed), (2, 4));
+        assert_eq!(pending.take().0, vec![]);
     }
 
     #[test]

@@ -1,21 +1,9 @@
 //! Bad input and refused resources: exit code 2 for usage errors and 1 for runtime
 //! errors, each with one line on stderr that names the value and the fix.
 
-use tcprtt_tests::run;
+use std::time::Duration;
 
-fn assert_one_line_error(args: &[&str], code: i32, needle: &str) {
-    let out = run(args);
-    assert_eq!(out.status.code(), Some(code), "{args:?}: {out:?}");
-    assert!(out.stdout.is_empty(), "{args:?} printed to stdout: {out:?}");
-    let lines: Vec<&str> = out.stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "{args:?}: not one line: {:?}", out.stderr);
-    assert!(
-        lines[0].contains(needle),
-        "{args:?}: {:?} lacks {needle:?}",
-        lines[0]
-    );
-    assert!(!out.stderr.contains("panicked"), "{args:?}: {out:?}");
-}
+use tcprtt_tests::kit::{assert_one_line_error, bin, no_ebpf_bin, run, try_run_within};
 
 #[test]
 fn usage_errors_exit_2_naming_the_value() {
@@ -80,71 +68,11 @@ fn missing_or_bad_btf_is_a_runtime_error_with_the_fix() {
     assert_eq!(out.stderr.lines().count(), 1, "{out:?}");
 }
 
-#[test]
-fn unprivileged_user_is_told_to_use_root() {
-    let out = std::process::Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-        ])
-        .arg(tcprtt_tests::bin())
-        .args(["-d", "1"])
-        .output()
-        .expect("setpriv (util-linux) is installed by `cargo xtask setup`");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert_eq!(
-        stderr.trim(),
-        "tcprtt: error: tcprtt needs root (or CAP_BPF and CAP_PERFMON) to load its eBPF program: run it with sudo"
-    );
-}
-
-#[test]
-fn forced_fentry_either_attaches_or_names_the_refusal() {
-    let out = run(&["--attach", "fentry", "-d", "0.2"]);
-    if out.status.success() {
-        assert!(
-            out.stderr
-                .contains("Tracing TCP RTT via fentry/tcp_rcv_established."),
-            "{out:?}"
-        );
-    } else {
-        assert_eq!(out.status.code(), Some(1), "{out:?}");
-        assert!(
-            out.stderr
-                .starts_with("tcprtt: error: the kernel refused fentry/tcp_rcv_established (")
-                && out.stderr.trim_end().ends_with("): try --attach tp-btf"),
-            "{out:?}"
-        );
-    }
-}
-
-#[test]
-fn help_shows_examples() {
-    let out = run(&["--help"]);
-    assert!(out.status.success());
-    assert!(out.stdout.contains("Examples:"), "{}", out.stdout);
-    assert!(out.stdout.contains("--byraddr"), "{}", out.stdout);
-}
-
 /// A binary built with AYA_BUILD_SKIP=1 (as `cargo xtask test` does for its unit tests)
 /// has no eBPF program: it must say so and how to build a real one.
 #[test]
 fn a_binary_built_without_its_ebpf_program_says_how_to_build_one() {
-    let path = std::env::var_os("TCPRTT_NO_EBPF_BIN").map_or_else(
-        || {
-            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/tcprtt-without-ebpf")
-        },
-        std::path::PathBuf::from,
-    );
-    assert!(
-        path.exists(),
-        "{} is built by `cargo xtask test`",
-        path.display()
-    );
+    let path = no_ebpf_bin();
     let out = std::process::Command::new(&path)
         .args(["-d", "1"])
         .output()
@@ -155,4 +83,41 @@ fn a_binary_built_without_its_ebpf_program_says_how_to_build_one() {
         "tcprtt: error: this tcprtt was built without its eBPF program (AYA_BUILD_SKIP was set): \
          rebuild with `cargo xtask build`\n"
     );
+}
+
+/// Values clap parses but tcprtt cannot honour, and prefixes whose family contradicts
+/// -4/-6: usage errors naming the value and the accepted range or the conflict.
+#[test]
+fn out_of_range_values_and_family_conflicts_exit_2_naming_them() {
+    let secs = "from 0.001 to 31536000";
+    let keys = "from 1 to 1000000";
+    let wrong: Vec<String> = [
+        (&["-i", "1e-10"][..], vec!["'1e-10'", secs]),
+        (&["-d", "1e-10"], vec!["'1e-10'", secs]),
+        (&["-i", "0.0000001"], vec!["'0.0000001'", secs]),
+        (&["-d", "1e9"], vec!["'1e9'", secs]),
+        (&["-i", "1e300"], vec!["'1e300'", secs]),
+        (&["--max-keys", "100000000"], vec!["'100000000'", keys]),
+        (&["--max-keys", "4294967295"], vec!["'4294967295'", keys]),
+        (&["-A", "::/0", "-4"], vec!["::/0", "IPv6 but -4"]),
+        (
+            &["-A", "::ffff:1.2.3.4", "-6"],
+            vec!["1.2.3.4", "IPv4 but -6"],
+        ),
+    ]
+    .iter()
+    .filter_map(|(args, needles)| {
+        // A value accepted by mistake would start a run that never ends.
+        let mut command = std::process::Command::new(bin());
+        command.args(*args);
+        match try_run_within(command, Duration::from_secs(5)) {
+            Ok(out) => needles
+                .iter()
+                .find_map(|needle| out.one_line_error_mismatch(2, needle))
+                .map(|why| format!("{args:?}: {why}")),
+            Err(why) => Some(why),
+        }
+    })
+    .collect();
+    assert!(wrong.is_empty(), "{wrong:#?}");
 }

@@ -2,6 +2,7 @@
 //! `render(&Report, ..) -> String`.
 
 pub mod json;
+pub mod prometheus;
 pub mod text;
 
 use std::io::{self, Write};

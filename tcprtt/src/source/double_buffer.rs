@@ -6,8 +6,6 @@
 //! old index has finished, then reads and empties the old set, which by then nothing
 //! writes. Every sample lands in exactly one interval.
 
-use std::collections::HashMap;
-
 use anyhow::{Context, Result};
 use aya::{
     Ebpf,
@@ -45,15 +43,13 @@ impl GracePeriod {
     }
 }
 
-/// Two sets of histogram maps the program writes alternately, and what userspace has
-/// drained from them but not reported yet.
+/// Two sets of histogram maps the program writes alternately.
 pub struct DoubleBuffer {
     hists: [PerCpuHashMap<MapData, HistKey, HistValue>; 2],
     alls: [PerCpuArray<MapData, HistValue>; 2],
     active: Array<MapData, u32>,
     active_index: u32,
     grace: GracePeriod,
-    pending: HashMap<HistKey, Histogram>,
 }
 
 impl DoubleBuffer {
@@ -72,14 +68,12 @@ impl DoubleBuffer {
             active: take_map(ebpf, &take("ACTIVE"))?,
             active_index: 0,
             grace: GracePeriod::new(ebpf)?,
-            pending: HashMap::new(),
         })
     }
 
-    /// Moves everything the kernel recorded so far into userspace's 64-bit totals and
-    /// empties the maps. Must run at least every `DRAIN_PERIOD_SECS` so that no 32-bit
-    /// kernel bucket can wrap.
-    pub fn drain(&mut self) -> Result<()> {
+    /// Everything the kernel recorded since the previous call, with the maps emptied. Must
+    /// run at least every `DRAIN_PERIOD_SECS` so that no 32-bit kernel bucket can wrap.
+    pub fn take(&mut self) -> Result<Vec<(HistKey, Histogram)>> {
         let old = self.active_index as usize;
         let next = 1 - self.active_index;
         self.active
@@ -93,12 +87,10 @@ impl DoubleBuffer {
             .keys()
             .collect::<Result<Vec<_>, _>>()
             .context("listing histogram keys")?;
+        let mut taken = Vec::with_capacity(keys.len() + 1);
         for key in keys {
             let shares = map.get(&key, 0).context("reading a histogram")?;
-            self.pending
-                .entry(key)
-                .or_default()
-                .absorb(&Histogram::merge(shares.iter()));
+            taken.push((key, Histogram::merge(shares.iter())));
             map.remove(&key).context("emptying the histogram map")?;
         }
 
@@ -108,20 +100,11 @@ impl DoubleBuffer {
             .context("reading the all-traffic histogram")?;
         let hist = Histogram::merge(shares.iter());
         if hist.count > 0 {
-            self.pending
-                .entry(HistKey::default())
-                .or_default()
-                .absorb(&hist);
+            taken.push((HistKey::default(), hist));
             let zeros = vec![HistValue::ZERO; shares.len()];
             all.set(0, PerCpuValues::try_from(zeros)?, 0)
                 .context("emptying the all-traffic histogram")?;
         }
-        Ok(())
-    }
-
-    /// Everything recorded since the previous call, and the maps emptied for the next one.
-    pub fn take(&mut self) -> Result<Vec<(HistKey, Histogram)>> {
-        self.drain()?;
-        Ok(self.pending.drain().collect())
+        Ok(taken)
     }
 }

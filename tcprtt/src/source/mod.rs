@@ -30,10 +30,8 @@ pub trait Source {
     fn banner(&self) -> String;
     /// The hook the samples come from, as JSON names it.
     fn hook(&self) -> &'static str;
-    /// Moves what the kernel recorded into userspace; called at least every
-    /// `tcprtt_common::DRAIN_PERIOD_SECS`.
-    fn drain(&mut self) -> Result<()>;
-    /// Everything measured since the previous call.
+    /// Everything measured since the previous call, the kernel's maps emptied. Called at
+    /// least every `tcprtt_common::DRAIN_PERIOD_SECS`.
     fn take(&mut self) -> Result<Taken>;
     /// The `-v` summary: what the programs saw and, with run-time statistics on, what they
     /// cost.

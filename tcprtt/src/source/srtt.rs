@@ -346,10 +346,6 @@ impl Source for Srtt {
         self.hook.short
     }
 
-    fn drain(&mut self) -> Result<()> {
-        self.buffers.drain()
-    }
-
     fn take(&mut self) -> Result<Taken> {
         let rows: Vec<Row> = self
             .buffers

@@ -574,10 +574,6 @@ impl Source for Wire {
         }
     }
 
-    fn drain(&mut self) -> Result<()> {
-        self.buffers.drain()
-    }
-
     fn take(&mut self) -> Result<Taken> {
         let rows: Vec<Row> = self
             .buffers

@@ -20,8 +20,8 @@
 
 mod delay;
 mod netns;
+mod observe;
 pub mod router;
-mod traffic;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -32,15 +32,24 @@ use std::{
 };
 
 pub use delay::{Delay, Link};
-pub use traffic::{Conn, Load, TcpInfo, round_trips_each};
+pub use observe::TcpInfo;
 
+use crate::kit::{Conn, EchoServer};
 use delay::{Forwarder, open_tun};
-use netns::{Netns, ip};
-use traffic::Server;
+use netns::{Netns, enter, ip};
+
+/// The log2 rows (µs) that paths of 5, 20 and 40 ms each way fall in.
+pub const RTT_10MS: (u64, u64) = (8192, 16383);
+pub const RTT_40MS: (u64, u64) = (32768, 65535);
+pub const RTT_80MS: (u64, u64) = (65536, 131071);
+
+/// Longer than a delayed ACK waits (200 ms at most) plus the slowest one-way delay of a
+/// test: after it, idle connections have nothing left in flight.
+pub const QUIET: std::time::Duration = std::time::Duration::from_millis(400);
 
 /// Owns the hosts, paths and servers of one test.
 pub struct TestBed {
-    servers: Vec<Server>,
+    servers: Vec<EchoServer>,
     forwarders: Vec<Forwarder>,
     namespaces: Vec<Netns>,
 }
@@ -103,7 +112,8 @@ impl TestBed {
     /// Starts an echo server in `host` on `addr` (port 0: any free port); returns the
     /// address it listens on.
     pub fn serve(&mut self, host: &Host, addr: SocketAddr) -> SocketAddr {
-        let server = Server::start(&host.ns, addr);
+        let server = enter(&host.ns, || EchoServer::bind(addr))
+            .unwrap_or_else(|e| panic!("binding the echo server to {addr} in {}: {e}", host.ns));
         let addr = server.addr;
         self.servers.push(server);
         addr
@@ -135,12 +145,15 @@ impl Host {
 
     /// A connection from `local` (any port) to `server`, made inside this host.
     pub fn connect(&self, local: IpAddr, server: SocketAddr) -> Conn {
-        Conn::open(&self.ns, local, server)
+        enter(&self.ns, || {
+            Conn::connect(SocketAddr::new(local, 0), server)
+        })
+        .unwrap_or_else(|e| panic!("connecting {local} -> {server} in {}: {e}", self.ns))
     }
 
     /// The kernel's view of this host's established TCP sockets.
     pub fn established_sockets(&self) -> Vec<TcpInfo> {
-        traffic::established_sockets(&self.ns)
+        observe::established_sockets(&self.ns)
     }
 
     /// The established socket from `local` to `peer`.
@@ -155,7 +168,7 @@ impl Host {
     /// A counter of this host's `/proc/net/snmp` or `/proc/net/netstat`, e.g.
     /// (`Tcp`, `InSegs`).
     pub fn counter(&self, group: &str, name: &str) -> u64 {
-        traffic::counter(&self.ns, group, name)
+        observe::counter(&self.ns, group, name)
     }
 
     fn new_tun(&self) -> (String, std::fs::File) {

@@ -1,0 +1,525 @@
+//! `--prometheus ADDR`: cumulative histograms on `/metrics`, in the Prometheus text format
+//! or OpenMetrics (by the request's `Accept` header), encoded by prometheus-client.
+//!
+//! The main loop adds every drain of the kernel's maps to an [`Exposition`] and publishes
+//! an immutable [`Snapshot`]. A scrape takes the current snapshot (an `Arc` clone under a
+//! lock held for nothing else) and encodes it on a blocking thread, so a scrape never
+//! holds up a drain, and every scrape shows the drains so far exactly.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use http_body_util::Full;
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    header,
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
+use tcprtt_common::{FINE_BUCKETS, LOG2_SLOTS, bucket_high};
+use tokio::net::TcpListener;
+
+use crate::{
+    histogram::Histogram,
+    report::{Key, Losses, Row, Source, Unit},
+};
+
+/// How the exposition is set up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrometheusOptions {
+    pub addr: SocketAddr,
+    /// `le` at every fine bucket edge instead of the bcc rows.
+    pub fine_buckets: bool,
+    /// Series without a new sample for this long leave the exposition.
+    pub ttl: Duration,
+    /// Most series exposed at once (`--max-keys`).
+    pub max_series: u32,
+}
+
+/// One histogram series and when it last had a sample.
+#[derive(Clone, Debug)]
+struct Series {
+    hist: Histogram,
+    updated: Instant,
+}
+
+/// Everything a scrape shows.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    series: HashMap<(Source, Key), Arc<Series>>,
+    /// Samples not counted, by reason, cumulative.
+    dropped: Losses,
+    /// Samples of new series refused because `max_series` were exposed already.
+    over_series_limit: u64,
+    hook: &'static str,
+    unit: Unit,
+    fine_buckets: bool,
+}
+
+/// The cumulative state behind `/metrics`.
+pub struct Exposition {
+    current: Snapshot,
+    published: Arc<Mutex<Arc<Snapshot>>>,
+    ttl: Duration,
+    max_series: usize,
+    url: String,
+}
+
+/// Values per second. Dividing by it (rather than multiplying by its inverse) keeps edges
+/// such as 15 µs printing as `1.5e-05`.
+fn per_second(unit: Unit) -> f64 {
+    match unit {
+        Unit::Micros => 1e6,
+        Unit::Millis => 1e3,
+    }
+}
+
+/// The classic buckets of a histogram: `(le in seconds, count in that bucket)`, the last
+/// one `+Inf`. Values are whole units, so the bcc row `2^k .. 2^(k+1)-1` is exactly the
+/// bucket `le = 2^(k+1)-1`; the fine edges are each fine bucket's largest value.
+fn buckets(hist: &Histogram, unit: Unit, fine: bool) -> Vec<(f64, u64)> {
+    let scale = per_second(unit);
+    let mut out: Vec<(f64, u64)> = if fine {
+        (0..FINE_BUCKETS)
+            .map(|b| (bucket_high(b) as f64 / scale, hist.buckets[b]))
+            .collect()
+    } else {
+        hist.log2_slots()
+            .iter()
+            .enumerate()
+            .map(|(k, n)| ((((1u64 << (k + 1)) - 1) as f64) / scale, *n))
+            .collect()
+    };
+    if let Some(last) = out.last_mut() {
+        last.0 = f64::INFINITY;
+    }
+    debug_assert!(fine || out.len() == LOG2_SLOTS);
+    out
+}
+
+/// The labels of a series: the parts of a connection its grouping keeps.
+fn labels(key: &Key) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    if let Some(family) = key.family {
+        out.push(("family", family.name().to_string()));
+    }
+    if let Some(a) = key.laddr {
+        out.push(("laddr", a.to_string()));
+    }
+    if let Some(p) = key.lport {
+        out.push(("lport", p.to_string()));
+    }
+    if let Some(a) = key.raddr {
+        out.push(("raddr", a.to_string()));
+    }
+    if let Some(p) = key.rport {
+        out.push(("rport", p.to_string()));
+    }
+    out
+}
+
+fn metric_name(source: Source) -> &'static str {
+    match source {
+        Source::Srtt => "tcprtt_srtt_seconds",
+        Source::Wire => "tcprtt_wire_seconds",
+    }
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let mut by_source: HashMap<Source, Vec<(&Key, &Series)>> = HashMap::new();
+        for ((source, key), series) in &self.series {
+            by_source.entry(*source).or_default().push((key, series));
+        }
+        let mut sources: Vec<_> = by_source.into_iter().collect();
+        sources.sort_by_key(|(s, _)| *s);
+        let scale = per_second(self.unit);
+        for (source, mut series) in sources {
+            series.sort_by(|a, b| a.0.cmp(b.0));
+            let mut metric = encoder.encode_descriptor(
+                metric_name(source),
+                "TCP round-trip times since tcprtt started",
+                None,
+                MetricType::Histogram,
+            )?;
+            for (key, s) in series {
+                let labels = labels(key);
+                let mut family = metric.encode_family(&labels)?;
+                family.encode_histogram::<NoLabelSet>(
+                    s.hist.sum as f64 / scale,
+                    s.hist.count,
+                    &buckets(&s.hist, self.unit, self.fine_buckets),
+                    None,
+                )?;
+            }
+        }
+
+        let dropped = [
+            ("max_keys", self.dropped.dropped),
+            ("no_memory", self.dropped.no_memory),
+            ("series_limit", self.over_series_limit),
+        ];
+        let mut metric = encoder.encode_descriptor(
+            "tcprtt_events_dropped",
+            "Matched samples not counted, by reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, n) in dropped {
+            let labels = [("reason", reason)];
+            ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
+        }
+        let metric = encoder.encode_descriptor(
+            "tcprtt_missed",
+            "Segments the kernel skipped the program for (already running on that CPU)",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(self.dropped.missed).encode(metric)?;
+        let metric = encoder.encode_descriptor(
+            "tcprtt_keys",
+            "Histogram series exposed now",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(self.series.len() as i64).encode(metric)?;
+        let mut metric = encoder.encode_descriptor(
+            "tcprtt_build_info",
+            "tcprtt's version and the hook it traces",
+            None,
+            MetricType::Gauge,
+        )?;
+        let labels = [("version", env!("CARGO_PKG_VERSION")), ("hook", self.hook)];
+        ConstGauge::new(1i64).encode(metric.encode_family(&labels)?)
+    }
+}
+
+/// Which text format a request asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wire {
+    Prometheus,
+    OpenMetrics,
+}
+
+impl Wire {
+    fn negotiate(accept: Option<&str>) -> Self {
+        match accept {
+            Some(a) if a.contains("application/openmetrics-text") => Self::OpenMetrics,
+            _ => Self::Prometheus,
+        }
+    }
+
+    fn content_type(self) -> &'static str {
+        match self {
+            Self::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
+            Self::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
+
+/// A snapshot in the requested format.
+fn encode(snapshot: Arc<Snapshot>, wire: Wire) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(ArcSnapshot(snapshot)));
+    let mut out = String::new();
+    let encoded = match wire {
+        Wire::Prometheus => {
+            prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)
+        }
+        Wire::OpenMetrics => prometheus_client::encoding::text::encode(&mut out, &registry),
+    };
+    encoded.expect("writing to a String cannot fail");
+    out
+}
+
+/// A published snapshot, registered for one scrape.
+#[derive(Debug)]
+struct ArcSnapshot(Arc<Snapshot>);
+
+impl Collector for ArcSnapshot {
+    fn encode(&self, encoder: DescriptorEncoder) -> std::fmt::Result {
+        self.0.encode(encoder)
+    }
+}
+
+fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(value) = header::HeaderValue::from_str(content_type) {
+        response.headers_mut().insert(header::CONTENT_TYPE, value);
+    }
+    response
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    published: Arc<Mutex<Arc<Snapshot>>>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    if req.uri().path() != "/metrics" {
+        return Ok(reply(
+            StatusCode::NOT_FOUND,
+            TEXT,
+            "tcprtt serves /metrics only\n".into(),
+        ));
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut response = reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, "use GET\n".into());
+        response
+            .headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+        return Ok(response);
+    }
+    let wire = Wire::negotiate(
+        req.headers()
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok()),
+    );
+    let snapshot = match published.lock() {
+        Ok(current) => Arc::clone(&current),
+        Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+    };
+    match tokio::task::spawn_blocking(move || encode(snapshot, wire)).await {
+        Ok(body) => Ok(reply(StatusCode::OK, wire.content_type(), body)),
+        Err(_) => Ok(reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            TEXT,
+            "encoding failed\n".into(),
+        )),
+    }
+}
+
+/// Accepts connections for as long as the runtime runs; each gets its own task, and a
+/// client that stalls is cut off by the header timeout.
+async fn serve(listener: TcpListener, published: Arc<Mutex<Arc<Snapshot>>>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            // Out of file descriptors, for instance: wait instead of spinning.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let published = Arc::clone(&published);
+        tokio::spawn(async move {
+            let service = service_fn(move |req| handle(req, Arc::clone(&published)));
+            let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// Binds the listening socket; done before anything is loaded, so a bad or busy address
+/// fails the start-up alone.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("serving Prometheus metrics on {addr}"))
+}
+
+impl Exposition {
+    /// Starts serving on `listener`. Must be called inside the tokio runtime.
+    pub fn start(
+        listener: TcpListener,
+        opts: &PrometheusOptions,
+        hook: &'static str,
+        unit: Unit,
+    ) -> Result<Self> {
+        let local = listener
+            .local_addr()
+            .context("reading the Prometheus listener's address")?;
+        let current = Snapshot {
+            series: HashMap::new(),
+            dropped: Losses::default(),
+            over_series_limit: 0,
+            hook,
+            unit,
+            fine_buckets: opts.fine_buckets,
+        };
+        let published = Arc::new(Mutex::new(Arc::new(current.clone())));
+        tokio::spawn(serve(listener, Arc::clone(&published)));
+        Ok(Self {
+            current,
+            published,
+            ttl: opts.ttl,
+            max_series: opts.max_series as usize,
+            url: format!("http://{local}/metrics"),
+        })
+    }
+
+    /// Where scrapers find the metrics.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Adds one drain and publishes the result.
+    pub fn add(&mut self, rows: &[Row], losses: Losses) {
+        let now = Instant::now();
+        let snap = &mut self.current;
+        for row in rows.iter().filter(|r| r.hist.count > 0) {
+            let id = (row.source, row.key.clone());
+            let full = snap.series.len() >= self.max_series;
+            match snap.series.get_mut(&id) {
+                Some(series) => {
+                    let series = Arc::make_mut(series);
+                    series.hist.absorb(&row.hist);
+                    series.updated = now;
+                }
+                None if full => snap.over_series_limit += row.hist.count,
+                None => {
+                    snap.series.insert(
+                        id,
+                        Arc::new(Series {
+                            hist: row.hist.clone(),
+                            updated: now,
+                        }),
+                    );
+                }
+            }
+        }
+        let ttl = self.ttl;
+        snap.series
+            .retain(|_, s| now.duration_since(s.updated) <= ttl);
+        snap.dropped.add(losses);
+        let published = Arc::new(snap.clone());
+        match self.published.lock() {
+            Ok(mut current) => *current = published,
+            Err(poisoned) => *poisoned.into_inner() = published,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::{fixtures::*, *};
+
+    fn snapshot(rows: &[Row]) -> Snapshot {
+        let now = Instant::now();
+        Snapshot {
+            series: rows
+                .iter()
+                .map(|r| {
+                    (
+                        (r.source, r.key.clone()),
+                        Arc::new(Series {
+                            hist: r.hist.clone(),
+                            updated: now,
+                        }),
+                    )
+                })
+                .collect(),
+            dropped: Losses {
+                dropped: 3,
+                no_memory: 1,
+                missed: 2,
+            },
+            over_series_limit: 0,
+            hook: "tp_btf",
+            unit: Unit::Micros,
+            fine_buckets: false,
+        }
+    }
+
+    fn golden(name: &str) -> String {
+        let path = format!("{}/tests/golden/{name}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    #[test]
+    fn prometheus_text_of_a_grouped_report() {
+        let snap = snapshot(&[
+            row(BY_RADDR, v4([127, 0, 0, 2]), &[40, 41, 3000]),
+            row(BY_RADDR, v6("2001:db8::1"), &[1]),
+        ]);
+        assert_eq!(
+            encode(Arc::new(snap), Wire::Prometheus),
+            golden("by_raddr.prom")
+        );
+    }
+
+    #[test]
+    fn openmetrics_on_request_ends_with_eof() {
+        let snap = snapshot(&[row(ALL_TRAFFIC, Default::default(), &[7])]);
+        let text = encode(Arc::new(snap), Wire::OpenMetrics);
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        assert!(text.contains("tcprtt_srtt_seconds_count 1\n"), "{text}");
+        assert_eq!(
+            Wire::negotiate(Some("application/openmetrics-text;version=1.0.0")),
+            Wire::OpenMetrics
+        );
+        assert_eq!(Wire::negotiate(Some("text/plain")), Wire::Prometheus);
+        assert_eq!(Wire::negotiate(None), Wire::Prometheus);
+    }
+
+    #[test]
+    fn bucket_edges_are_the_bcc_rows_or_the_fine_buckets() {
+        let h = Histogram::from_samples([0, 1, 2, 3, 40_000]);
+        let rows = buckets(&h, Unit::Micros, false);
+        assert_eq!(rows.len(), LOG2_SLOTS);
+        assert_eq!(rows[0], (1e-6, 2));
+        assert_eq!(rows[1], (3e-6, 2));
+        assert!((rows[15].0 - 0.065535).abs() < 1e-12 && rows[15].1 == 1);
+        assert_eq!(rows.last().unwrap().0, f64::INFINITY);
+        let fine = buckets(&h, Unit::Millis, true);
+        assert_eq!(fine.len(), FINE_BUCKETS);
+        assert_eq!(fine[3], (0.003, 1));
+        assert_eq!(fine.iter().map(|b| b.1).sum::<u64>(), 5);
+    }
+
+    #[test]
+    fn drains_add_up_idle_series_expire_and_the_series_cap_is_counted() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let opts = PrometheusOptions {
+                addr: "127.0.0.1:0".parse().unwrap(),
+                fine_buckets: false,
+                ttl: Duration::from_millis(200),
+                max_series: 2,
+            };
+            let listener = bind(opts.addr).await.unwrap();
+            let mut e = Exposition::start(listener, &opts, "tp_btf", Unit::Micros).unwrap();
+            assert!(e.url().starts_with("http://127.0.0.1:"));
+            let a = row(BY_RADDR, v4([127, 0, 0, 2]), &[5, 7]);
+            let b = row(BY_RADDR, v4([127, 0, 0, 3]), &[9]);
+            let c = row(BY_RADDR, v4([127, 0, 0, 4]), &[11, 12, 13]);
+            e.add(&[a.clone(), b.clone()], Losses::default());
+            e.add(
+                &[a.clone(), c],
+                Losses {
+                    dropped: 4,
+                    no_memory: 0,
+                    missed: 1,
+                },
+            );
+            let snap = Arc::clone(&e.published.lock().unwrap());
+            assert_eq!(snap.series.len(), 2);
+            let a_series = &snap.series[&(Source::Srtt, a.key.clone())];
+            assert_eq!(a_series.hist, Histogram::from_samples([5, 7, 5, 7]));
+            assert_eq!((snap.over_series_limit, snap.dropped.dropped), (3, 4));
+            std::thread::sleep(Duration::from_millis(300));
+            e.add(std::slice::from_ref(&b), Losses::default());
+            let snap = Arc::clone(&e.published.lock().unwrap());
+            assert_eq!(snap.series.len(), 1, "a expired, b is back");
+            assert!(snap.series.contains_key(&(Source::Srtt, b.key.clone())));
+        });
+    }
+}
