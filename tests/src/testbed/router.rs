@@ -9,7 +9,10 @@
 
 use std::process::Command;
 
-use super::{Delay, Forwarder, Host, Link, TestBed, netns::ip};
+use super::{
+    Delay, Forwarder, Host, Link, TestBed,
+    netns::{enter, ip},
+};
 
 /// A router between two hosts, with its devices and links.
 pub struct Routed {
@@ -78,4 +81,50 @@ pub fn sysctl(ns: &str, key: &str) {
 /// Sets a device of namespace `ns` down or up (for the bad-input tests).
 pub fn set_link(ns: &str, dev: &str, up: bool) {
     ip(&["-n", ns, "link", "set", dev, if up { "up" } else { "down" }]);
+}
+
+/// Runs `f` on a thread inside `host`'s namespace: sockets it creates stay there.
+pub fn in_ns<R: Send>(host: &Host, f: impl FnOnce() -> R + Send) -> R {
+    enter(host.name(), f)
+}
+
+/// Programs attached with TCX to device `dev` of `host`, ingress and egress together
+/// (`bpftool net show` of Debian's bpftool does not list TCX links).
+pub fn tcx_programs(host: &Host, dev: &str) -> u32 {
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    const BPF_TCX_INGRESS: u32 = 46;
+    const BPF_TCX_EGRESS: u32 = 47;
+    in_ns(host, || {
+        let name = std::ffi::CString::new(dev).expect("device name");
+        // SAFETY: a NUL-terminated name.
+        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert_ne!(index, 0, "no device {dev} in {}", host.name());
+        [BPF_TCX_INGRESS, BPF_TCX_EGRESS]
+            .iter()
+            .map(|&attach_type| {
+                // The query part of `union bpf_attr`: target_ifindex, attach_type,
+                // query_flags, attach_flags, prog_ids (u64), prog_cnt, then zeros.
+                let mut attr = [0u32; 32];
+                attr[0] = index;
+                attr[1] = attach_type;
+                // SAFETY: `attr` is a zeroed bpf_attr prefix of the size passed; with no
+                // id buffer the kernel only writes the count back into it.
+                let rc = unsafe {
+                    libc::syscall(
+                        libc::SYS_bpf,
+                        BPF_PROG_QUERY,
+                        attr.as_mut_ptr(),
+                        std::mem::size_of_val(&attr),
+                    )
+                };
+                assert_eq!(
+                    rc,
+                    0,
+                    "BPF_PROG_QUERY on {dev}: {}",
+                    std::io::Error::last_os_error()
+                );
+                attr[6]
+            })
+            .sum()
+    })
 }
