@@ -24,7 +24,7 @@ use tcprtt_tests::{
     kit::{Load, Tracer, bin, ip, run_command, sock_addr},
     testbed::{
         Delay, Host, TestBed,
-        router::{in_ns, set_link, sysctl, tcx_programs},
+        router::{in_ns, ip_cmd, set_link, sysctl, tcx_programs},
     },
 };
 
@@ -528,6 +528,253 @@ fn udp_and_icmp_are_ignored() {
         .unwrap_or_else(|| panic!("{verbose}"));
     assert!(others >= 20, "{verbose}");
     assert!(verbose.contains("TCP segments 0 "), "{verbose}");
+}
+
+/// Crafted frames on a veth pair, for what real stacks rarely send: VLAN tags in the
+/// frame, IPv6 extension headers, option layouts, broken headers. The frames carry a
+/// destination MAC address nobody has, so both kernels drop them after the TC hooks and
+/// answer nothing.
+mod frames {
+    use std::net::IpAddr;
+
+    pub const SYN: u8 = 0x02;
+    pub const ACK: u8 = 0x10;
+    pub const PSH: u8 = 0x08;
+
+    /// One TCP segment to build.
+    pub struct Seg {
+        pub src: (IpAddr, u16),
+        pub dst: (IpAddr, u16),
+        pub seq: u32,
+        pub ack: u32,
+        pub flags: u8,
+        /// (TSval, TSecr); `None`: no timestamps option.
+        pub ts: Option<(u32, u32)>,
+        pub payload: usize,
+    }
+
+    /// An Ethernet frame holding `seg`, tagged with `(tpid, vlan id)` when given. A SYN
+    /// gets Linux's SYN option layout (MSS, SACK permitted, TS, NOP, window scale), other
+    /// segments NOP, NOP, TS. `ipv6_hop_by_hop` inserts an extension header.
+    pub fn frame(seg: &Seg, tag: Option<(u16, u16)>, ipv6_hop_by_hop: bool) -> Vec<u8> {
+        let mut tcp = Vec::new();
+        tcp.extend(seg.src.1.to_be_bytes());
+        tcp.extend(seg.dst.1.to_be_bytes());
+        tcp.extend(seg.seq.to_be_bytes());
+        tcp.extend(seg.ack.to_be_bytes());
+        let mut options = Vec::new();
+        if let Some((tsval, tsecr)) = seg.ts {
+            let ts = [&[8u8, 10][..], &tsval.to_be_bytes(), &tsecr.to_be_bytes()].concat();
+            if seg.flags & SYN != 0 {
+                options.extend([2, 4, 0x05, 0xb4, 4, 2]);
+                options.extend(ts);
+                options.extend([1, 3, 3, 7]);
+            } else {
+                options.extend([1, 1]);
+                options.extend(ts);
+            }
+        }
+        tcp.push((((20 + options.len()) / 4) << 4) as u8);
+        tcp.push(seg.flags);
+        tcp.extend([0xff, 0xff, 0, 0, 0, 0]);
+        tcp.extend(options);
+        tcp.extend(std::iter::repeat_n(b'x', seg.payload));
+
+        let mut ip = Vec::new();
+        let ethertype: u16 = match (seg.src.0, seg.dst.0) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                ip.extend([0x45, 0]);
+                ip.extend(((20 + tcp.len()) as u16).to_be_bytes());
+                ip.extend([0, 0, 0x40, 0, 64, 6, 0, 0]);
+                ip.extend(s.octets());
+                ip.extend(d.octets());
+                0x0800
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                let ext = if ipv6_hop_by_hop { 8 } else { 0 };
+                ip.extend([0x60, 0, 0, 0]);
+                ip.extend(((ext + tcp.len()) as u16).to_be_bytes());
+                ip.extend([if ipv6_hop_by_hop { 0 } else { 6 }, 64]);
+                ip.extend(s.octets());
+                ip.extend(d.octets());
+                if ipv6_hop_by_hop {
+                    // Next header TCP, length 0, a PadN option filling the 8 bytes.
+                    ip.extend([6, 0, 1, 4, 0, 0, 0, 0]);
+                }
+                0x86dd
+            }
+            _ => panic!("mixed families"),
+        };
+        let mut out = vec![0x02, 0, 0, 0, 0, 0x99, 0x02, 0, 0, 0, 0, 0x01];
+        if let Some((tpid, id)) = tag {
+            out.extend(tpid.to_be_bytes());
+            out.extend(id.to_be_bytes());
+        }
+        out.extend(ethertype.to_be_bytes());
+        out.extend(ip);
+        out.extend(tcp);
+        out
+    }
+
+    /// Sends raw frames out of the device `dev` of the calling thread's namespace.
+    pub fn send(dev: &str, frames: &[Vec<u8>]) {
+        let name = std::ffi::CString::new(dev).expect("device name");
+        // SAFETY: a NUL-terminated name.
+        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert_ne!(index, 0, "no device {dev}");
+        // SAFETY: plain socket(2); closed below. Protocol 0: it receives nothing.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+        assert!(
+            fd >= 0,
+            "packet socket: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: an all-zero sockaddr_ll is valid.
+        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        to.sll_family = libc::AF_PACKET as u16;
+        to.sll_ifindex = index as i32;
+        to.sll_halen = 6;
+        for frame in frames {
+            // SAFETY: the frame and the address are live for the call.
+            let sent = unsafe {
+                libc::sendto(
+                    fd,
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&raw const to).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            assert_eq!(
+                sent,
+                frame.len() as isize,
+                "{}",
+                std::io::Error::last_os_error()
+            );
+        }
+        // SAFETY: our own descriptor.
+        unsafe { libc::close(fd) };
+    }
+}
+
+/// A client and a server joined by a veth pair (both ends called `veth0`), no addresses.
+fn veth_pair(bed: &mut TestBed) -> (Host, Host) {
+    let client = bed.host("client", &[]);
+    let server = bed.host("server", &[]);
+    let (c, s) = (client.name(), server.name());
+    ip_cmd(&[
+        "-n", c, "link", "add", "veth0", "type", "veth", "peer", "name", "veth0", "netns", s,
+    ]);
+    for ns in [c, s] {
+        ip_cmd(&["-n", ns, "link", "set", "veth0", "up"]);
+    }
+    (client, server)
+}
+
+#[test]
+fn crafted_frames_vlan_tags_option_layouts_and_the_timing_rules() {
+    use frames::{ACK, PSH, SYN, Seg, frame, send};
+    let mut bed = TestBed::new();
+    let (client, server) = veth_pair(&mut bed);
+    let tracer = wire_tracer(
+        &client,
+        &["--passive", "veth0", "--by-laddr", "--json", "-v"],
+    );
+    // Frames the client sends leave through its veth0 (egress, tags in the frame); what
+    // the server sends arrives there (ingress, the kernel has moved the tag out).
+    let out = |frames: &[Vec<u8>]| in_ns(&client, || send("veth0", frames));
+    let back = |frames: &[Vec<u8>]| in_ns(&server, || send("veth0", frames));
+
+    for (c, s, tag) in [
+        ("198.51.100.90", "203.0.113.90", Some((0x8100, 100))),
+        ("2001:db8:90::1", "2001:db8:91::1", Some((0x88a8, 200))),
+        ("198.51.100.91", "203.0.113.91", None),
+    ] {
+        let (c, s) = ((ip(c), 40_000), (ip(s), 80));
+        let seg = |src, dst, seq, ack, flags, ts, payload| Seg {
+            src,
+            dst,
+            seq,
+            ack,
+            flags,
+            ts: Some(ts),
+            payload,
+        };
+        // Handshake: the SYN's TSval comes back on the SYN-ACK 20 ms later.
+        out(&[frame(&seg(c, s, 0, 0, SYN, (100, 0), 0), tag, false)]);
+        thread::sleep(ms(20));
+        back(&[frame(
+            &seg(s, c, 0, 1, SYN | ACK, (900, 100), 0),
+            tag,
+            false,
+        )]);
+        out(&[frame(&seg(c, s, 1, 1, ACK, (101, 900), 0), tag, false)]);
+        // A request and, 30 ms later, its acknowledgement: one sample. The echo repeated
+        // is no first echo; the pure ACK's TSval (102) is never timed.
+        out(&[frame(
+            &seg(c, s, 1, 1, ACK | PSH, (102, 900), 10),
+            tag,
+            false,
+        )]);
+        thread::sleep(ms(30));
+        back(&[
+            frame(&seg(s, c, 1, 11, ACK, (901, 102), 0), tag, false),
+            frame(&seg(s, c, 1, 11, ACK, (902, 102), 0), tag, false),
+        ]);
+        // Data whose first echo acknowledges nothing new (RTTM rule): not timed.
+        out(&[frame(
+            &seg(c, s, 11, 1, ACK | PSH, (103, 902), 10),
+            tag,
+            false,
+        )]);
+        back(&[frame(&seg(s, c, 1, 11, ACK, (903, 103), 0), tag, false)]);
+    }
+    // Skipped and counted: an IPv6 extension header, a TCP header shorter than 20 bytes.
+    let odd = Seg {
+        src: (ip("2001:db8:92::1"), 1),
+        dst: (ip("2001:db8:93::1"), 2),
+        seq: 0,
+        ack: 0,
+        flags: SYN,
+        ts: Some((1, 0)),
+        payload: 0,
+    };
+    let mut short = frame(&odd, None, false);
+    short[14 + 40 + 12] = 4 << 4;
+    out(&[frame(&odd, None, true), short]);
+
+    let done = tracer.stop_with(libc::SIGINT);
+    assert!(done.status.success(), "{done:?}");
+    let report = &reports(&done.stdout)[0];
+    for (client_addr, server_addr) in [
+        ("198.51.100.90", "203.0.113.90"),
+        ("2001:db8:90::1", "2001:db8:91::1"),
+        ("198.51.100.91", "203.0.113.91"),
+    ] {
+        let c = row_of(report, client_addr);
+        // The SYN (>= 20 ms) and the request (>= 30 ms), nothing else.
+        assert_eq!(num(c, "count"), 2.0, "{c}");
+        assert!(
+            num(c, "min") >= 20_000.0 && num(c, "max") >= 30_000.0,
+            "{c}"
+        );
+        assert!(num(c, "max") < 1_000_000.0, "{c}");
+        // The SYN-ACK's TSval, echoed by the client's ACK.
+        assert_eq!(num(row_of(report, server_addr), "count"), 1.0, "{report}");
+    }
+    let verbose = done.stderr.lines().last().unwrap_or_default();
+    for needle in ["not advancing the ACK 3,", "malformed 1)", "samples 9,"] {
+        assert!(verbose.contains(needle), "{needle}: {verbose}");
+    }
+    // Ours, and any multicast listener report the kernel sends with a hop-by-hop header.
+    let ext: u64 = verbose
+        .split("IPv6 extension headers ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{verbose}"));
+    assert!(ext >= 1, "{verbose}");
 }
 
 /// TC filters `bpftool net show` lists on `dev` in `host` (clsact only).

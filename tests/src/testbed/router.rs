@@ -128,3 +128,9 @@ pub fn tcx_programs(host: &Host, dev: &str) -> u32 {
             .sum()
     })
 }
+
+/// Runs `ip` with `args` (e.g. `-n NS link add ...`); panics with its error output when
+/// it fails. For set-ups the bed has no helper for, in namespaces the bed owns.
+pub fn ip_cmd(args: &[&str]) {
+    ip(args);
+}
