@@ -5,6 +5,8 @@
 //! too, so the kernel and the renderer cannot disagree on which value lands where.
 #![no_std]
 
+pub mod wire;
+
 /// Number of classic log2 slots in a printed histogram (bcc's layout): slot 0 holds 0
 /// and 1, slot k holds 2^k..2^(k+1)-1, and the last slot holds everything larger.
 pub const LOG2_SLOTS: usize = 27;

@@ -14,6 +14,8 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
 
+mod wire;
+
 use aya_ebpf::{
     Global,
     bindings::BPF_NOEXIST,

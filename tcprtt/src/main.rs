@@ -26,7 +26,7 @@ use crate::{
     output::{Format, Written, prometheus::Exposition},
     report::{ALL_TRAFFIC, Meta, Pending, Report},
     signals::Signals,
-    source::{Source, srtt::Srtt},
+    source::{Source, srtt::Srtt, wire::Wire},
 };
 
 /// Writes one line to stderr. A closed or full stderr is no reason to fail, let alone
@@ -154,7 +154,11 @@ async fn trace(opts: Options, mut signals: Signals) -> Result<()> {
         Some(prom) => Some(output::prometheus::bind(prom.addr).await?),
         None => None,
     };
-    let source: Box<dyn Source> = Box::new(Srtt::load(&opts, OBJECT)?);
+    let source: Box<dyn Source> = if opts.passive.is_empty() {
+        Box::new(Srtt::load(&opts, OBJECT)?)
+    } else {
+        Box::new(Wire::load(&opts, OBJECT)?)
+    };
     // From the moment the program is attached, a signal asks for the report.
     signals.tracing();
     say(source.banner());
@@ -211,6 +215,9 @@ async fn trace(opts: Options, mut signals: Signals) -> Result<()> {
     };
     if finished {
         run.report()?;
+    }
+    if let Some(line) = run.source.farewell()? {
+        say(line);
     }
     if opts.verbose {
         say(run.source.self_report(stats.is_some())?);

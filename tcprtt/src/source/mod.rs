@@ -3,6 +3,7 @@
 
 pub mod double_buffer;
 pub mod srtt;
+pub mod wire;
 
 use anyhow::{Context, Result, anyhow};
 use aya::{
@@ -35,6 +36,11 @@ pub trait Source {
     /// The `-v` summary: what the programs saw and, with run-time statistics on, what they
     /// cost.
     fn self_report(&self, stats_on: bool) -> Result<String>;
+    /// A line for stderr at the end of the run, when the source has something to say
+    /// without -v (why nothing could be measured, samples it had to give up).
+    fn farewell(&self) -> Result<Option<String>> {
+        Ok(None)
+    }
 }
 
 /// A map of the loaded object, as the aya type `T`.
