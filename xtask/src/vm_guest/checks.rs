@@ -10,10 +10,17 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 
 use super::{
-    Output, Run,
+    Output, Run, WireRun,
     reports::{Flow, count, histograms, lines, reference, rows, total},
     traffic::family,
+    wire::IFACE,
 };
+
+/// The wire tracers' `-d`: the wire traffic takes about 4 s under emulation.
+const WIRE_SECS: &str = "10";
+/// An RTT on the veth pair above this would be a timing error (seed 003's idle-time
+/// echo gave 1 s): the slowest round trip here is the peer's delayed ACK.
+const WIRE_MAX_US: u64 = 500_000;
 
 pub struct Check {
     pub name: &'static str,
@@ -120,6 +127,21 @@ pub const CHECKS: &[Check] = &[
             "127.0.0.1:9464",
         ]],
         verify: super::prometheus::matches_reference,
+    },
+    Check {
+        name: "--passive attaches with TCX on 6.6+, clsact before",
+        tracers: &[&["--passive", IFACE, "--json", "-v", "-d", WIRE_SECS]],
+        verify: wire_attaches,
+    },
+    Check {
+        name: "--passive times both sides of a flow across a veth pair",
+        tracers: &[&["--passive", IFACE, "--by-flow", "--json", "-d", WIRE_SECS]],
+        verify: wire_samples,
+    },
+    Check {
+        name: "--passive leaves nothing on the interface after -d",
+        tracers: &[],
+        verify: wire_leaves_nothing,
     },
     Check {
         name: "nothing left loaded after exit",
@@ -370,5 +392,165 @@ fn nothing_left(run: &Run, _: &[Output]) -> Result<String> {
     Ok(format!(
         "{} programs while tracing, none after",
         run.loaded_while_tracing
+    ))
+}
+
+fn wire_run(run: &Run) -> Result<&WireRun> {
+    run.wire
+        .as_ref()
+        .context("this check's round ran no wire tracer")
+}
+
+fn wire_attaches(run: &Run, outs: &[Output]) -> Result<String> {
+    let [out] = outs else {
+        bail!("one tracer expected")
+    };
+    let w = wire_run(run)?;
+    let banner =
+        format!("Tracing TCP RTT on the wire at {IFACE} (TCP timestamps). Hit Ctrl-C to end.");
+    let said = out.stderr.lines().next().unwrap_or_default();
+    ensure!(said == banner, "it said: {said}");
+    let hook = w.expected_hook;
+    let reports = lines(out)?;
+    ensure!(
+        !reports.is_empty() && reports.iter().all(|r| r["attach"] == hook),
+        "not every report says \"attach\":\"{hook}\": {}",
+        out.stdout
+    );
+    let via = format!("tcprtt: wire at {IFACE} via {hook};");
+    ensure!(
+        out.stderr.lines().any(|l| l.starts_with(&via)),
+        "-v does not say {via:?}: {}",
+        out.stderr
+    );
+    let samples = total(out)?;
+    ensure!(samples > 0, "no sample: {}", out.stderr);
+    let seen = &w.while_tracing;
+    let n = w.tracers;
+    let ours = |names: &[String]| names.len() == n && names.iter().all(|p| p == "tcprtt_wire_eth");
+    let how = match hook {
+        "tcx" => {
+            let tcx = seen.tcx.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+            ensure!(
+                tcx.iter().all(|names| ours(names)),
+                "{n} wire tracers, TCX ingress and egress hold {tcx:?}"
+            );
+            ensure!(
+                seen.clsact.is_empty() && seen.filters.iter().all(Vec::is_empty),
+                "a clsact qdisc or filters beside TCX: {seen:?}"
+            );
+            format!("{n} tcprtt_wire_eth TCX links each on ingress and egress, no qdisc")
+        }
+        _ => {
+            let refused = out
+                .stderr
+                .lines()
+                .find(|l| {
+                    l.contains("TCX refused") && l.ends_with("attached through a clsact qdisc")
+                })
+                .with_context(|| format!("no word of TCX being refused: {}", out.stderr))?;
+            ensure!(
+                seen.tcx
+                    .as_ref()
+                    .map_or(true, |t| t.iter().all(Vec::is_empty)),
+                "TCX programs on a clsact kernel: {seen:?}"
+            );
+            ensure!(!seen.clsact.is_empty(), "no clsact qdisc while tracing");
+            for (hook, filters) in ["ingress", "egress"].iter().zip(&seen.filters) {
+                ensure!(
+                    filters.len() == n && filters.iter().all(|f| f.contains(" tcprtt_wire_eth ")),
+                    "{n} wire tracers, {hook} filters: {filters:?}"
+                );
+            }
+            format!(
+                "{} (modules {}); {n} tcprtt_wire_eth filters each on clsact ingress and egress",
+                refused.trim_start_matches("tcprtt: "),
+                w.modules.join(", ")
+            )
+        }
+    };
+    Ok(format!("via {hook}: {how}; {samples} samples"))
+}
+
+fn wire_samples(run: &Run, outs: &[Output]) -> Result<String> {
+    let [out] = outs else {
+        bail!("one tracer expected")
+    };
+    let [c] = run.connections.as_slice() else {
+        bail!(
+            "{} connections, one wire flow expected",
+            run.connections.len()
+        )
+    };
+    let reports = lines(out)?;
+    let [report] = reports.as_slice() else {
+        bail!("{} reports for one -d run", reports.len())
+    };
+    let rows = histograms(report)?;
+    ensure!(
+        rows.len() == 2,
+        "{} rows for the flow's two sides",
+        rows.len()
+    );
+    let mut said = Vec::new();
+    for (side, from, to) in [
+        ("client", c.client, c.server),
+        ("server", c.server, c.client),
+    ] {
+        let h = rows
+            .iter()
+            .find(|h| {
+                let k = &h["key"];
+                k["laddr"] == from.ip().to_string()
+                    && k["lport"] == from.port()
+                    && k["addr"] == to.ip().to_string()
+                    && k["port"] == to.port()
+            })
+            .with_context(|| format!("no row for the {side} side {from} -> {to}: {rows:?}"))?;
+        ensure!(
+            h["source"] == "wire",
+            "the {side} row's source is {}",
+            h["source"]
+        );
+        let n = count(h)?;
+        // One TSval per request (or reply), plus the SYN's and the FIN's; the first
+        // request may share its TSval with the handshake's ACK, which records none.
+        let want = c.round_trips as u64..=c.round_trips as u64 + 2;
+        ensure!(
+            want.contains(&n),
+            "{side} side: {n} samples, expected {want:?}"
+        );
+        let v = |f: &str| h[f].as_u64().with_context(|| format!("no {f} in {h}"));
+        let (min, p50, max) = (v("min")?, v("p50")?, v("max")?);
+        ensure!(
+            min > 0 && max < WIRE_MAX_US,
+            "{side} side: RTTs {min}..{max} us, expected within 1..{WIRE_MAX_US}"
+        );
+        said.push(format!("{side} {n} samples, p50 {p50} us, max {max} us"));
+    }
+    let flows = report["flows"].as_array().context("no flows list")?;
+    ensure!(flows.len() == 1, "{} flows for one connection", flows.len());
+    Ok(format!(
+        "{} round trips: {}",
+        c.round_trips,
+        said.join("; ")
+    ))
+}
+
+fn wire_leaves_nothing(run: &Run, _: &[Output]) -> Result<String> {
+    let w = wire_run(run)?;
+    ensure!(
+        !w.while_tracing.empty(),
+        "nothing was on {IFACE} while tracing either"
+    );
+    ensure!(w.after_exit.empty(), "left on {IFACE}: {:?}", w.after_exit);
+    Ok(format!(
+        "{} wire tracers ended by -d, then {IFACE} had no TCX program{}, no clsact qdisc, no filter",
+        w.tracers,
+        if w.after_exit.tcx.is_err() {
+            " (no TCX on this kernel)"
+        } else {
+            ""
+        }
     ))
 }

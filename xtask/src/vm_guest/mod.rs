@@ -9,6 +9,7 @@ mod checks;
 mod prometheus;
 mod reports;
 mod traffic;
+mod wire;
 
 use std::{
     fs,
@@ -26,7 +27,8 @@ use rustix::process::{Pid, Signal, kill_process};
 use crate::tcprtt_programs;
 pub use checks::CHECKS;
 use checks::Check;
-use traffic::Connection;
+use traffic::{Connection, FLOWS, WIRE_FLOWS};
+pub use wire::{LOAD_ORDER, MODULES};
 
 /// The tracer every check is judged against: fentry, one histogram per socket.
 const REFERENCE: &[&str] = &["--attach", "fentry", "--by-flow", "--json"];
@@ -36,6 +38,8 @@ const ATTACH_TIMEOUT: Duration = Duration::from_secs(240);
 /// Time for the last delayed ACKs and FINs to arrive after the traffic ends, so that every
 /// tracer, stopped a few milliseconds apart, has seen the same segments.
 const QUIET: Duration = Duration::from_secs(1);
+/// Between seeing a `-d` tracer's banner and the start of its own clock.
+const DURATION_SLACK: Duration = Duration::from_secs(1);
 
 /// What one tracer printed, once stopped.
 pub struct Output {
@@ -55,6 +59,25 @@ pub struct Run {
     pub loaded_while_tracing: usize,
     /// tcprtt's programs still loaded after every tracer exited.
     pub left_after_exit: Vec<String>,
+    /// In a round of wire tracers (`--passive`), what their interface's hooks held.
+    pub wire: Option<WireRun>,
+}
+
+/// The guest's kernel and its veth pair, set up once for every round.
+pub struct Bed {
+    release: String,
+    /// The kernel modules loaded for the wire source, or why the veth pair is missing.
+    wire: Result<Vec<String>, String>,
+}
+
+pub struct WireRun {
+    /// `tcx` or `clsact`: what tcprtt must attach with on this kernel.
+    pub expected_hook: &'static str,
+    /// How many wire tracers the round ran.
+    pub tracers: usize,
+    pub modules: Vec<String>,
+    pub while_tracing: wire::Hooks,
+    pub after_exit: wire::Hooks,
 }
 
 struct Tracer {
@@ -143,36 +166,74 @@ impl Drop for Tracer {
     }
 }
 
-/// Every tracer of the table plus the reference, on one run of traffic.
-fn trace(bin: &Path, checks: &[&Check]) -> Result<(Run, Vec<Vec<Output>>)> {
+/// A `-d` tracer's duration.
+fn duration(args: &[&str]) -> Option<Duration> {
+    let at = args.iter().position(|a| *a == "-d")?;
+    args.get(at + 1)?.parse().ok().map(Duration::from_secs)
+}
+
+fn passive(args: &[&str]) -> bool {
+    args.contains(&"--passive")
+}
+
+/// Every tracer of the table plus the reference, on one run of traffic: across the veth
+/// pair when the round's tracers watch it, else on loopback.
+fn trace(bin: &Path, checks: &[&Check], bed: &Bed) -> Result<(Run, Vec<Vec<Output>>)> {
     let mut arg_sets = vec![REFERENCE];
     for check in checks {
         arg_sets.extend(check.tracers);
     }
+    let wire_round = arg_sets.iter().any(|a| passive(a));
+    let modules = match (&bed.wire, wire_round) {
+        (Err(e), true) => bail!("no veth pair for the wire tracers: {e}"),
+        (Ok(m), _) => m.clone(),
+        (Err(_), false) => Vec::new(),
+    };
+    let durations: Vec<Option<Duration>> = arg_sets.iter().map(|a| duration(a)).collect();
     let (tx, rx) = mpsc::channel();
-    let tracers: Vec<Tracer> = arg_sets
-        .iter()
-        .enumerate()
-        .map(|(i, args)| Tracer::spawn(bin, args, tx.clone(), i))
-        .collect::<Result<_>>()?;
-    drop(tx);
+    let mut started: Vec<Option<Tracer>> = arg_sets.iter().map(|_| None).collect();
     let deadline = Instant::now() + ATTACH_TIMEOUT;
-    for _ in 0..tracers.len() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let (i, line) = rx
-            .recv_timeout(left)
-            .context("tracers did not all attach in time")?;
-        if !line.contains("Tracing TCP RTT via ") {
-            bail!("tcprtt {} said: {line}", arg_sets[i].join(" "));
+    // `-d` tracers start once the others are attached, so that their time runs on the
+    // traffic, not on the others' loading.
+    for timed in [false, true] {
+        let batch: Vec<usize> = (0..arg_sets.len())
+            .filter(|&i| durations[i].is_some() == timed)
+            .collect();
+        for &i in &batch {
+            started[i] = Some(Tracer::spawn(bin, arg_sets[i], tx.clone(), i)?);
+        }
+        for _ in &batch {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (i, line) = rx
+                .recv_timeout(left)
+                .context("tracers did not all attach in time")?;
+            if !line.starts_with("Tracing TCP RTT ") {
+                bail!("tcprtt {} said: {line}", arg_sets[i].join(" "));
+            }
         }
     }
+    drop(tx);
+    let timed_from = Instant::now();
+    let tracers: Vec<Tracer> = started.into_iter().flatten().collect();
     let loaded_while_tracing = tcprtt_programs().len();
-    let connections = traffic::run()?;
+    let while_tracing = wire_round.then(wire::Hooks::read).transpose()?;
+    let connections = traffic::run(if wire_round { &WIRE_FLOWS } else { &FLOWS })?;
     thread::sleep(QUIET);
-    // A scrape is TCP traffic too, so every other tracer stops before it.
+    if let Some(shortest) = durations.iter().flatten().min() {
+        let took = timed_from.elapsed();
+        ensure!(
+            took + DURATION_SLACK < *shortest,
+            "the traffic took {took:.1?}, too long for -d {}",
+            shortest.as_secs()
+        );
+    }
+    // A scrape is TCP traffic too, so every other tracer stops before it. `-d` tracers
+    // end by themselves.
     let scrapes: Vec<Option<&str>> = arg_sets.iter().map(|a| prometheus::address(a)).collect();
-    for (t, _) in tracers.iter().zip(&scrapes).filter(|(_, s)| s.is_none()) {
-        t.interrupt()?;
+    for (i, t) in tracers.iter().enumerate() {
+        if scrapes[i].is_none() && durations[i].is_none() {
+            t.interrupt()?;
+        }
     }
     let mut scraped = vec![String::new(); tracers.len()];
     if scrapes.iter().any(Option::is_some) {
@@ -200,12 +261,23 @@ fn trace(bin: &Path, checks: &[&Check]) -> Result<(Run, Vec<Vec<Output>>)> {
     while !tcprtt_programs().is_empty() && Instant::now() < settle {
         thread::sleep(Duration::from_millis(50));
     }
+    let wire = match while_tracing {
+        Some(while_tracing) => Some(WireRun {
+            expected_hook: wire::expected_hook(&bed.release),
+            tracers: arg_sets.iter().filter(|a| passive(a)).count(),
+            modules,
+            while_tracing,
+            after_exit: wire::Hooks::read()?,
+        }),
+        None => None,
+    };
     let run = Run {
         connections,
         reference,
         tracers: arg_sets.len(),
         loaded_while_tracing,
         left_after_exit: tcprtt_programs(),
+        wire,
     };
     Ok((run, per_check))
 }
@@ -223,9 +295,13 @@ pub fn run(bin: &Path) {
         .and_then(|(_, v)| v.split_whitespace().next())
         .unwrap_or("?");
     println!("VMTEST-START {release} {debian}");
+    let bed = Bed {
+        wire: wire::setup(&release).map_err(|e| format!("{e:#}")),
+        release,
+    };
     let mut failed = 0;
     for round in rounds() {
-        match trace(bin, &round) {
+        match trace(bin, &round, &bed) {
             Ok((run, outputs)) => {
                 for (check, outs) in round.iter().zip(&outputs) {
                     match (check.verify)(&run, outs) {
@@ -261,17 +337,24 @@ fn grouped(args: &[&str]) -> bool {
 /// The checks in table order, cut into rounds of traffic that each run at most
 /// `GROUPED_PER_ROUND` grouped tracers (the reference included): under software
 /// emulation, more of them creating keys at once drain the kernel's atomic per-CPU
-/// memory, and they lose samples for want of it.
+/// memory, and they lose samples for want of it. Wire tracers (`--passive`) and srtt
+/// tracers never share a round, since each kind has its own traffic; a check without
+/// tracers joins the round before it.
 fn rounds() -> Vec<Vec<&'static Check>> {
     let mut rounds: Vec<Vec<&Check>> = vec![Vec::new()];
     let mut in_round = 1;
+    let mut wire_round = None;
     for check in CHECKS {
         let grouped = check.tracers.iter().filter(|t| grouped(t)).count();
-        if in_round + grouped > GROUPED_PER_ROUND {
+        let wire = (!check.tracers.is_empty()).then(|| check.tracers.iter().any(|t| passive(t)));
+        let other_kind = wire.is_some() && wire_round.is_some() && wire != wire_round;
+        if in_round + grouped > GROUPED_PER_ROUND || other_kind {
             rounds.push(Vec::new());
             in_round = 1;
+            wire_round = None;
         }
         in_round += grouped;
+        wire_round = wire_round.or(wire);
         if let Some(round) = rounds.last_mut() {
             round.push(check);
         }

@@ -1,5 +1,6 @@
-//! The guest's traffic: one-byte ping-pong on a few loopback connections at once, spread
-//! over a few seconds so that `-i 1` sees several intervals.
+//! The guest's traffic: one-byte ping-pong on a few connections at once, spread over a
+//! few seconds so that `-i 1` sees several intervals. The srtt checks' connections are on
+//! loopback; the wire checks' one crosses the veth pair of `super::wire`.
 
 use std::{
     io::{Read, Write},
@@ -10,10 +11,14 @@ use std::{
 
 use anyhow::{Context, Result, anyhow};
 
+use super::wire;
+
 /// A connection to make: the server's address and how many round trips to do on it.
 pub struct Flow {
     pub server: &'static str,
     pub round_trips: usize,
+    /// The server listens in the veth peer's namespace.
+    pub in_peer: bool,
 }
 
 /// Distinct servers, ports, round-trip counts and both families, so each filter and
@@ -22,16 +27,26 @@ pub const FLOWS: [Flow; 3] = [
     Flow {
         server: "127.0.0.2:5001",
         round_trips: 40,
+        in_peer: false,
     },
     Flow {
         server: "127.0.0.3:5002",
         round_trips: 30,
+        in_peer: false,
     },
     Flow {
         server: "[::1]:5003",
         round_trips: 20,
+        in_peer: false,
     },
 ];
+
+/// The wire checks' connection, from this namespace's end of the veth pair to the other.
+pub const WIRE_FLOWS: [Flow; 1] = [Flow {
+    server: "198.51.100.2:5004",
+    round_trips: 40,
+    in_peer: true,
+}];
 
 /// Pause between round trips: 40 of them span more than two `-i 1` intervals.
 const PAUSE: Duration = Duration::from_millis(60);
@@ -51,14 +66,23 @@ pub struct Connection {
 }
 
 /// Runs every flow at once, closes the connections, and returns them.
-pub fn run() -> Result<Vec<Connection>> {
-    let workers: Vec<_> = FLOWS
+pub fn run(flows: &[Flow]) -> Result<Vec<Connection>> {
+    let workers: Vec<_> = flows
         .iter()
         .enumerate()
         .map(|(i, flow)| {
             let server: SocketAddr = flow.server.parse().context("a flow's server address")?;
-            let listener =
-                TcpListener::bind(server).with_context(|| format!("binding {server}"))?;
+            let listener = if flow.in_peer {
+                // A socket stays in the namespace it was made in; only this thread moves.
+                thread::spawn(move || {
+                    wire::enter_peer()?;
+                    TcpListener::bind(server).with_context(|| format!("binding {server}"))
+                })
+                .join()
+                .map_err(|_| anyhow!("a listening thread panicked"))??
+            } else {
+                TcpListener::bind(server).with_context(|| format!("binding {server}"))?
+            };
             let round_trips = flow.round_trips;
             let start = NEW_KEY_GAP * 2 * i as u32;
             Ok(thread::spawn(move || {

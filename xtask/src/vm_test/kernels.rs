@@ -25,6 +25,8 @@ pub struct Kernel {
     pub series: &'static str,
     pub package: String,
     pub vmlinuz: PathBuf,
+    /// The package's `lib/modules`, one folder per kernel release.
+    pub modules: PathBuf,
 }
 
 /// The numbers in a package name, in order, to compare versions by:
@@ -73,6 +75,7 @@ pub fn fetch(project: &Project) -> Result<Vec<Kernel>> {
         kernels.push(Kernel {
             series,
             package,
+            modules: dir.join("modules"),
             vmlinuz,
         });
     }
@@ -95,7 +98,7 @@ fn unpack(cache: &Path, package: &str) -> Result<()> {
     output(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree))?;
     let image = entry(&tree.join("boot"), |n| n.starts_with("vmlinuz-"))?;
     fs::rename(&image, scratch.join("vmlinuz"))?;
-    // The modules stay for tests that need one loaded (none do yet); the rest goes.
+    // The modules stay for the guests that need some loaded; the rest goes.
     fs::rename(tree.join("lib/modules"), scratch.join("modules"))?;
     fs::remove_dir_all(&tree)?;
     fs::remove_file(&deb)?;

@@ -36,7 +36,11 @@ pub fn run_built(project: &Project) -> Result<()> {
         "vm-test creates device nodes for the guest's initramfs: run it as root"
     );
     let kernels = kernels::fetch(project)?;
-    let initrd = initramfs::build(&project.root.join("target/vm-test"), &project.release_bin())?;
+    let initrd = initramfs::build(
+        &project.root.join("target/vm-test"),
+        &project.release_bin(),
+        &kernels,
+    )?;
     let mut accel = if Path::new("/dev/kvm").exists() {
         Accel::Kvm
     } else {
