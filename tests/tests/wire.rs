@@ -169,23 +169,15 @@ fn host_path_median_agrees_with_ping_and_with_srtt_side_by_side() {
     assert!(num(w, "count") >= 50.0, "{w}");
     // No round trip through the line can be shorter than its 40 ms.
     assert!(num(w, "min") >= 40_000.0, "{w}");
-    let (avg, median) = (num(w, "avg"), median_bucket(w));
+    let median = median_bucket(w);
     assert!(
         near(median, ping, 0.05),
         "wire median in {median:?} µs, ping {ping} µs"
     );
-    assert!(
-        (avg - ping).abs() <= 0.05 * ping,
-        "wire avg {avg} µs, ping {ping} µs"
-    );
-    let (srtt_avg, srtt_median) = (num(s, "avg"), median_bucket(s));
+    let srtt_median = median_bucket(s);
     assert!(
         near(median, srtt_median.0, 0.05) || near(median, srtt_median.1, 0.05),
         "wire median in {median:?} µs, srtt median in {srtt_median:?} µs"
-    );
-    assert!(
-        (avg - srtt_avg).abs() <= 0.05 * srtt_avg,
-        "wire avg {avg} µs, srtt avg {srtt_avg} µs"
     );
 }
 
