@@ -180,6 +180,49 @@ fn be16(ctx: &TcContext, offset: usize) -> Result<u16, u32> {
     }))
 }
 
+/// Copies `want` (1..=HEADERS_LEN) bytes of the packet from `l3` on into `h`; returns how
+/// many it copied. It reads paged packets too and leaves the packet as it is (no pull into
+/// the linear part). A copy within the linear part is a plain memcpy; one that reaches
+/// into the pages costs a walk of them.
+#[inline(always)]
+fn copy_headers(ctx: &TcContext, l3: usize, want: usize, h: &mut Headers) -> Result<usize, u32> {
+    // The verifier must see the length within 1..=HEADERS_LEN on its own; the compiler
+    // knows it already and would drop a clamp, so the clamp works on a copy it cannot see
+    // through. For 1..=128 it changes nothing.
+    // SAFETY: a plain read of a local.
+    let n = unsafe { core::ptr::read_volatile(&want) };
+    let n = (n.wrapping_sub(1) & (HEADERS_LEN - 1)) + 1;
+    // SAFETY: the destination is a live buffer of HEADERS_LEN bytes, `n` at most that.
+    let copied = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            l3 as u32,
+            h.0.as_mut_ptr().cast(),
+            n as u32,
+        )
+    };
+    if copied != 0 {
+        return Err(wstat::MALFORMED);
+    }
+    Ok(n)
+}
+
+/// Makes sure the first `need` bytes of the headers are in `h`, copying all `available`
+/// ones when they are not.
+#[inline(always)]
+fn copy_more(
+    ctx: &TcContext,
+    l3: usize,
+    need: usize,
+    available: usize,
+    h: &mut Headers,
+) -> Result<usize, u32> {
+    if need > available {
+        return Err(wstat::MALFORMED);
+    }
+    copy_headers(ctx, l3, available, h)
+}
+
 /// Parses a frame down to the TCP timestamps option into `scratch.seg`. `Err` carries
 /// the counter of the reason it is not a usable TCP segment.
 #[inline(always)]
@@ -196,32 +239,17 @@ fn parse(ctx: &TcContext, has_l2: bool, scratch: &mut Scratch) -> Result<(), u32
     if ethertype != ETH_P_IP && ethertype != ETH_P_IPV6 {
         return Err(wstat::OTHER_L3);
     }
-    // One copy of up to HEADERS_LEN bytes from the IP header on. It reads paged packets
-    // too, and leaves the packet as it is (no pull into the linear part). Bytes past `n`
-    // are left from earlier packets: every read below is checked against `n`.
+    // The IP and TCP headers are copied out (`copy_headers`): usually only the bytes in
+    // the packet's linear part, where drivers and the stack put the headers; all of them
+    // when the headers turn out to reach further. Bytes past `n` are left from earlier
+    // packets: every read below is checked against `n`.
     let available = (ctx.len() as usize).saturating_sub(l3).min(HEADERS_LEN);
     if available < 20 {
         return Err(wstat::MALFORMED);
     }
-    // The verifier must see the copy's length within 1..=HEADERS_LEN on its own; the
-    // compiler knows it already and would drop a clamp, so the clamp works on a copy it
-    // cannot see through. For 20..=128 it changes nothing.
-    // SAFETY: a plain read of a local.
-    let n = unsafe { core::ptr::read_volatile(&available) };
-    let n = (n.wrapping_sub(1) & (HEADERS_LEN - 1)) + 1;
-    // SAFETY: the destination is a live buffer of HEADERS_LEN bytes, `n` at most that.
-    let copied = unsafe {
-        bpf_skb_load_bytes(
-            ctx.skb.skb.cast(),
-            l3 as u32,
-            scratch.headers.0.as_mut_ptr().cast(),
-            n as u32,
-        )
-    };
-    if copied != 0 {
-        return Err(wstat::MALFORMED);
-    }
-    let h = &scratch.headers;
+    let linear = ctx.data_end().saturating_sub(ctx.data() + l3);
+    let h = &mut scratch.headers;
+    let mut n = copy_headers(ctx, l3, available.min(linear.max(40)), h)?;
     let seg = &mut scratch.seg;
     let flow = &mut seg.flow;
     let first = h.word(0);
@@ -251,7 +279,7 @@ fn parse(ctx: &TcContext, has_l2: bool, scratch: &mut Scratch) -> Result<(), u32
         flow.daddr = mapped_v4(h.word(16).to_be_bytes());
         (ihl, total - ihl)
     } else {
-        if first >> 28 != 6 || n < 40 {
+        if first >> 28 != 6 || available < 40 {
             return Err(wstat::MALFORMED);
         }
         let second = h.word(4);
@@ -281,7 +309,7 @@ fn parse(ctx: &TcContext, has_l2: bool, scratch: &mut Scratch) -> Result<(), u32
     };
 
     if l4 + 20 > n {
-        return Err(wstat::MALFORMED);
+        n = copy_more(ctx, l3, l4 + 20, available, h)?;
     }
     let ports = h.word(l4);
     flow.sport = (ports >> 16) as u16;
@@ -291,8 +319,11 @@ fn parse(ctx: &TcContext, has_l2: bool, scratch: &mut Scratch) -> Result<(), u32
     let doff_flags = h.word(l4 + 12);
     let doff = ((doff_flags >> 28) as usize) * 4;
     seg.flags = (doff_flags >> 16) as u8;
-    if doff < 20 || ip_payload < doff || l4 + doff > n {
+    if doff < 20 || ip_payload < doff {
         return Err(wstat::MALFORMED);
+    }
+    if l4 + doff > n {
+        copy_more(ctx, l3, l4 + doff, available, h)?;
     }
     seg.payload = ip_payload > doff;
     timestamps(h, l4 + 20, doff - 20, seg)

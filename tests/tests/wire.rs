@@ -458,10 +458,11 @@ fn bulk_transfers_both_ways_ipv4_and_ipv6() {
         assert!(num(row, "min") >= 40_000.0, "{row}");
     }
     for addr in ["203.0.113.74", "2001:db8:75::1"] {
-        // The server's data, acknowledged by the client right here.
+        // The server's data, acknowledged by the client right here: mostly at once (some
+        // acknowledgements wait for the delayed-ACK timer or a busy CPU).
         let row = row_of(report, addr);
         assert!(num(row, "count") >= 20.0, "{row}");
-        assert!(num(row, "max") < 40_000.0, "{row}");
+        assert!(median_bucket(row).1 < 40_000.0, "{row}");
     }
     let verbose = out.stderr.lines().last().unwrap_or_default();
     assert!(verbose.contains("malformed 0"), "{verbose}");
