@@ -344,6 +344,36 @@ pub mod fixtures {
         }
     }
 
+    /// A connection 127.0.0.1:80 -> 127.0.0.2:4000.
+    pub fn flow_v4() -> HistKey {
+        HistKey {
+            family: AF_INET,
+            lport: 80,
+            rport: 4000,
+            laddr: mapped([127, 0, 0, 1]),
+            raddr: mapped([127, 0, 0, 2]),
+            reserved: 0,
+        }
+    }
+
+    /// A connection [2001:db8::1]:443 -> [2001:db8::2]:51000.
+    pub fn flow_v6() -> HistKey {
+        HistKey {
+            family: AF_INET6,
+            lport: 443,
+            rport: 51000,
+            laddr: "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets(),
+            raddr: "2001:db8::2".parse::<Ipv6Addr>().unwrap().octets(),
+            reserved: 0,
+        }
+    }
+
+    /// An expected output, checked in under tcprtt/tests/golden.
+    pub fn golden(name: &str) -> String {
+        let path = format!("{}/tests/golden/{name}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
     pub fn v6(raddr: &str) -> HistKey {
         HistKey {
             family: AF_INET6,
@@ -359,14 +389,7 @@ mod tests {
 
     #[test]
     fn decoding_keeps_only_the_grouped_fields_and_unmaps_ipv4() {
-        let raw = HistKey {
-            family: AF_INET,
-            lport: 80,
-            rport: 4000,
-            laddr: mapped([127, 0, 0, 1]),
-            raddr: mapped([127, 0, 0, 2]),
-            reserved: 0,
-        };
+        let raw = flow_v4();
         let k = Key::decode(BY_RADDR, &raw);
         assert_eq!(k.raddr, Some("127.0.0.2".parse().unwrap()));
         assert_eq!((k.laddr, k.lport, k.rport), (None, None, None));

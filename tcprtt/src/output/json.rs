@@ -186,11 +186,6 @@ mod tests {
     use super::*;
     use crate::report::{fixtures::*, *};
 
-    fn golden(name: &str) -> String {
-        let path = format!("{}/tests/golden/{name}", env!("CARGO_MANIFEST_DIR"));
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
-    }
-
     #[test]
     fn a_report_is_one_line_with_the_documented_schema() {
         let mut report = Report {

@@ -171,15 +171,10 @@ pub fn render(report: &Report, opts: &TextOptions) -> String {
 
 #[cfg(test)]
 mod tests {
-    use tcprtt_common::{AF_INET, AF_INET6, HistKey};
+    use tcprtt_common::HistKey;
 
     use super::*;
     use crate::report::{fixtures::*, *};
-
-    fn golden(name: &str) -> String {
-        let path = format!("{}/tests/golden/{name}", env!("CARGO_MANIFEST_DIR"));
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
-    }
 
     /// The layout of bcc's tcprtt: 114 samples in 8..15 and 397 in 16..31.
     #[test]
@@ -234,7 +229,7 @@ mod tests {
     #[test]
     fn wire_rows_say_so_and_flows_show_both_sides_and_their_sum() {
         let raw = |l: [u8; 4], lport, r: [u8; 4], rport| HistKey {
-            family: AF_INET,
+            family: tcprtt_common::AF_INET,
             lport,
             rport,
             laddr: mapped(l),
@@ -275,21 +270,8 @@ mod tests {
 
     #[test]
     fn port_and_flow_labels() {
-        let raw = HistKey {
-            family: AF_INET6,
-            lport: 443,
-            rport: 51000,
-            laddr: "2001:db8::1"
-                .parse::<std::net::Ipv6Addr>()
-                .unwrap()
-                .octets(),
-            raddr: "2001:db8::2"
-                .parse::<std::net::Ipv6Addr>()
-                .unwrap()
-                .octets(),
-            reserved: 0,
-        };
         let shown = |g: Grouping, raw: &HistKey| label(&Key::decode(g, raw));
+        let raw = flow_v6();
         assert_eq!(shown(BY_LPORT, &raw), "Local Port = 443");
         assert_eq!(shown(BY_RPORT, &raw), "Remote Port = 51000");
         assert_eq!(shown(BY_LADDR, &raw), "Local Address = 2001:db8::1");
@@ -297,16 +279,8 @@ mod tests {
             shown(BY_FLOW, &raw),
             "Connection = [2001:db8::1]:443 -> [2001:db8::2]:51000"
         );
-        let v4 = HistKey {
-            family: AF_INET,
-            lport: 80,
-            rport: 4000,
-            laddr: mapped([127, 0, 0, 1]),
-            raddr: mapped([127, 0, 0, 2]),
-            reserved: 0,
-        };
         assert_eq!(
-            shown(BY_FLOW, &v4),
+            shown(BY_FLOW, &flow_v4()),
             "Connection = 127.0.0.1:80 -> 127.0.0.2:4000"
         );
     }

@@ -182,6 +182,8 @@ struct Counters {
     /// Segments whose srtt could not be read, or of an unknown family.
     unreadable: u64,
     missed: u64,
+    /// Samples whose histogram's min or max lost a race (see `stat::EXTREME_CONTENDED`).
+    extreme_contended: u64,
 }
 
 pub struct Srtt {
@@ -279,6 +281,7 @@ impl Srtt {
             no_memory: sum(stat::NO_MEMORY)?,
             unreadable: sum(stat::UNREADABLE)?,
             missed,
+            extreme_contended: sum(stat::EXTREME_CONTENDED)?,
         })
     }
 
@@ -378,29 +381,32 @@ impl Source for Srtt {
 
     fn self_report(&self, stats_on: bool) -> Result<String> {
         let c = self.totals;
-        let (seen, cost) = if stats_on {
-            let info = self.program_info()?;
-            let runs = info.run_count();
-            let ns = info.run_time().as_nanos();
-            let per_event = if runs == 0 {
-                "no runs".to_string()
-            } else {
-                format!("{:.1} ns per event", ns as f64 / runs as f64)
-            };
-            (
-                c.seen.to_string(),
-                format!("{per_event} ({ns} ns over {runs} runs)"),
-            )
+        let mut counts = format!(
+            "matched {}, dropped {}, dropped for lack of memory {}, unreadable {}, missed {}",
+            c.matched, c.dropped, c.no_memory, c.unreadable, c.missed
+        );
+        if c.extreme_contended > 0 {
+            counts += &format!(
+                ", min/max not stored under contention {}",
+                c.extreme_contended
+            );
+        }
+        // Without run-time statistics the kernel counts no runs: say nothing rather than 0.
+        if !stats_on {
+            return Ok(format!("tcprtt: attach point {}; {counts}", self.hook.name));
+        }
+        let info = self.program_info()?;
+        let runs = info.run_count();
+        let ns = info.run_time().as_nanos();
+        let per_event = if runs == 0 {
+            "no runs".to_string()
         } else {
-            (
-                "not counted".to_string(),
-                "not measured (run-time statistics need CAP_SYS_ADMIN)".to_string(),
-            )
+            format!("{:.1} ns per event", ns as f64 / runs as f64)
         };
         Ok(format!(
-            "tcprtt: attach point {}; events seen {seen}, matched {}, dropped {}, \
-             dropped for lack of memory {}, unreadable {}, missed {}; in-kernel cost {cost}",
-            self.hook.name, c.matched, c.dropped, c.no_memory, c.unreadable, c.missed
+            "tcprtt: attach point {}; events seen {}, {counts}; in-kernel cost {per_event} \
+             ({ns} ns over {runs} runs)",
+            self.hook.name, c.seen
         ))
     }
 }
