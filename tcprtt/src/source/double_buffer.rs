@@ -51,6 +51,8 @@ pub struct DoubleBuffer {
     active: Array<MapData, u32>,
     active_index: u32,
     grace: GracePeriod,
+    /// Held so that the programs, which may be loaded after this is built, find it.
+    _new_hist: Array<MapData, HistValue>,
 }
 
 impl DoubleBuffer {
@@ -78,6 +80,7 @@ impl DoubleBuffer {
             active: take_map(ebpf, &take("ACTIVE"))?,
             active_index: 0,
             grace: GracePeriod::new(ebpf)?,
+            _new_hist: new_hist,
         })
     }
 
