@@ -19,7 +19,7 @@ use super::{Source, Taken, double_buffer::DoubleBuffer, load_with_filters};
 use crate::{
     btf::{self, KernelBtf},
     cli::{Attach, Options},
-    report::{Grouping, Key, Losses, Row, Source as RowSource},
+    report::{Grouping, Losses, Source as RowSource},
 };
 
 /// A place in the kernel the program can run at, in the order `--attach auto` tries them.
@@ -335,16 +335,7 @@ impl Source for Srtt {
     }
 
     fn take(&mut self) -> Result<Taken> {
-        let rows: Vec<Row> = self
-            .buffers
-            .take()?
-            .into_iter()
-            .map(|(raw, hist)| Row {
-                source: RowSource::Srtt,
-                key: Key::decode(self.grouping, &raw),
-                hist,
-            })
-            .collect();
+        let rows = self.buffers.take_rows(RowSource::Srtt, self.grouping)?;
         let totals = self.read_totals()?;
         let dropped = totals.dropped - self.totals.dropped;
         let no_memory = totals.no_memory - self.totals.no_memory;

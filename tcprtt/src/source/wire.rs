@@ -42,7 +42,7 @@ use super::{
 };
 use crate::{
     cli::{Attach, Options},
-    report::{Grouping, Key, Losses, Row, Source as RowSource},
+    report::{Grouping, Losses, Source as RowSource},
 };
 
 /// Program names in the eBPF object.
@@ -560,16 +560,7 @@ impl Source for Wire {
     }
 
     fn take(&mut self) -> Result<Taken> {
-        let rows: Vec<Row> = self
-            .buffers
-            .take()?
-            .into_iter()
-            .map(|(raw, hist)| Row {
-                source: RowSource::Wire,
-                key: Key::decode(self.grouping, &raw),
-                hist,
-            })
-            .collect();
+        let rows = self.buffers.take_rows(RowSource::Wire, self.grouping)?;
         let dropped = self.stat(stat::DROPPED)?;
         let no_memory = self.stat(stat::NO_MEMORY)?;
         let losses = Losses {
