@@ -219,7 +219,8 @@ pub struct HistValue {
     pub buckets: [u32; FINE_BUCKETS],
     /// Explicit padding, always zero: aligns the 64-bit fields below.
     pub reserved: u32,
-    /// Number of samples.
+    /// Number of samples. Left at 0 in the grouped maps, where it is the buckets' total
+    /// and userspace adds it up (one atomic add less per sample).
     pub count: u64,
     /// Sum of the samples, in the recorded unit.
     pub sum: u64,

@@ -8,7 +8,8 @@ use crate::{Project, is_root, on_path, output};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests call, each with a command it provides: `ip`/`ss` (iproute2),
-/// `bpftool`, `setpriv`; QEMU, a static busybox and cpio for `vm-test`'s guests.
+/// `bpftool`, `setpriv`; QEMU, a static busybox and cpio for `vm-test`'s guests; `ping`, the wire
+/// source's ground truth.
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
     ("bpftool", "bpftool"),
@@ -16,6 +17,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("qemu-system-x86", "qemu-system-x86_64"),
     ("busybox-static", "busybox"),
     ("cpio", "cpio"),
+    ("iputils-ping", "ping"),
 ];
 
 impl Project {
