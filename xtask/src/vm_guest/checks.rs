@@ -4,7 +4,7 @@
 //! (`--attach fentry --by-flow --json`) and the connections made. Adding a check is
 //! adding one entry.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::SocketAddr};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
@@ -439,7 +439,7 @@ fn wire_attaches(run: &Run, outs: &[Output]) -> Result<String> {
                 seen.clsact.is_empty() && seen.filters.iter().all(Vec::is_empty),
                 "a clsact qdisc or filters beside TCX: {seen:?}"
             );
-            format!("{n} tcprtt_wire_eth TCX links each on ingress and egress, no qdisc")
+            format!("tcprtt_wire_eth as a TCX link on ingress and egress ({n} per hook), no qdisc")
         }
         _ => {
             let refused = out
@@ -463,7 +463,7 @@ fn wire_attaches(run: &Run, outs: &[Output]) -> Result<String> {
                 );
             }
             format!(
-                "{} (modules {}); {n} tcprtt_wire_eth filters each on clsact ingress and egress",
+                "{} (modules {}); tcprtt_wire_eth as a filter on clsact ingress and egress ({n} per hook)",
                 refused.trim_start_matches("tcprtt: "),
                 w.modules.join(", ")
             )
@@ -493,6 +493,7 @@ fn wire_samples(run: &Run, outs: &[Output]) -> Result<String> {
         rows.len()
     );
     let mut said = Vec::new();
+    let mut client_range = (0, 0);
     for (side, from, to) in [
         ("client", c.client, c.server),
         ("server", c.server, c.client),
@@ -526,15 +527,45 @@ fn wire_samples(run: &Run, outs: &[Output]) -> Result<String> {
             min > 0 && max < WIRE_MAX_US,
             "{side} side: RTTs {min}..{max} us, expected within 1..{WIRE_MAX_US}"
         );
+        if side == "client" {
+            client_range = (min, max);
+        }
         said.push(format!("{side} {n} samples, p50 {p50} us, max {max} us"));
     }
     let flows = report["flows"].as_array().context("no flows list")?;
     ensure!(flows.len() == 1, "{} flows for one connection", flows.len());
+    // The client's kernel smooths the same round trips into its srtt: the reference's
+    // median for that socket must lie among the wire's samples of that side, give or
+    // take the stack's few microseconds between the hook and TCP.
+    let srtt = reference_row(run, c.client, c.server)?;
+    let srtt_p50 = srtt["p50"].as_u64().context("no p50 in the reference")?;
+    let (lo, hi) = client_range;
+    ensure!(
+        lo / 2 <= srtt_p50 && srtt_p50 <= hi * 2,
+        "the client socket's srtt p50 {srtt_p50} us is far from its wire RTTs {lo}..{hi} us"
+    );
     Ok(format!(
-        "{} round trips: {}",
+        "{} round trips: {}; the client socket's srtt p50 {srtt_p50} us",
         c.round_trips,
         said.join("; ")
     ))
+}
+
+/// The reference's histogram of the socket `local` -> `remote`.
+fn reference_row(run: &Run, local: SocketAddr, remote: SocketAddr) -> Result<Value> {
+    for line in lines(&run.reference)? {
+        for h in histograms(&line)? {
+            let k = &h["key"];
+            if k["laddr"] == local.ip().to_string()
+                && k["lport"] == local.port()
+                && k["addr"] == remote.ip().to_string()
+                && k["port"] == remote.port()
+            {
+                return Ok(h.clone());
+            }
+        }
+    }
+    bail!("the reference has no row for {local} -> {remote}")
 }
 
 fn wire_leaves_nothing(run: &Run, _: &[Output]) -> Result<String> {
@@ -545,7 +576,7 @@ fn wire_leaves_nothing(run: &Run, _: &[Output]) -> Result<String> {
     );
     ensure!(w.after_exit.empty(), "left on {IFACE}: {:?}", w.after_exit);
     Ok(format!(
-        "{} wire tracers ended by -d, then {IFACE} had no TCX program{}, no clsact qdisc, no filter",
+        "wire tracers: {}; ended by -d, they left {IFACE} no TCX program{}, no clsact qdisc, no filter",
         w.tracers,
         if w.after_exit.tcx.is_err() {
             " (no TCX on this kernel)"

@@ -337,24 +337,29 @@ fn grouped(args: &[&str]) -> bool {
 /// The checks in table order, cut into rounds of traffic that each run at most
 /// `GROUPED_PER_ROUND` grouped tracers (the reference included): under software
 /// emulation, more of them creating keys at once drain the kernel's atomic per-CPU
-/// memory, and they lose samples for want of it. Wire tracers (`--passive`) and srtt
-/// tracers never share a round, since each kind has its own traffic; a check without
-/// tracers joins the round before it.
+/// memory, and they lose samples for want of it. A check with a wire tracer
+/// (`--passive`) gets a round of its own, on its own traffic: two tcprtt attached
+/// through one clsact qdisc at once leave it behind when the one that added it ends
+/// first. A check without tracers joins the round before it.
 fn rounds() -> Vec<Vec<&'static Check>> {
     let mut rounds: Vec<Vec<&Check>> = vec![Vec::new()];
     let mut in_round = 1;
-    let mut wire_round = None;
+    // Whether the round so far has tracers, and whether they watch the wire.
+    let mut round_kind = None;
     for check in CHECKS {
         let grouped = check.tracers.iter().filter(|t| grouped(t)).count();
         let wire = (!check.tracers.is_empty()).then(|| check.tracers.iter().any(|t| passive(t)));
-        let other_kind = wire.is_some() && wire_round.is_some() && wire != wire_round;
-        if in_round + grouped > GROUPED_PER_ROUND || other_kind {
+        let apart = matches!(
+            (wire, round_kind),
+            (Some(true), Some(_)) | (Some(false), Some(true))
+        );
+        if in_round + grouped > GROUPED_PER_ROUND || apart {
             rounds.push(Vec::new());
             in_round = 1;
-            wire_round = None;
+            round_kind = None;
         }
         in_round += grouped;
-        wire_round = wire_round.or(wire);
+        round_kind = round_kind.or(wire);
         if let Some(round) = rounds.last_mut() {
             round.push(check);
         }
@@ -365,4 +370,32 @@ fn rounds() -> Vec<Vec<&'static Check>> {
 /// The console protocol is one line per check.
 fn one_line(text: &str) -> String {
     text.trim().replace('\n', " | ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_wire_check_has_a_round_of_its_own_and_every_check_a_round() {
+        let rounds = rounds();
+        assert_eq!(rounds.iter().map(Vec::len).sum::<usize>(), CHECKS.len());
+        let mut wire_rounds = 0;
+        for round in &rounds {
+            let with_tracers: Vec<_> = round.iter().filter(|c| !c.tracers.is_empty()).collect();
+            if with_tracers
+                .iter()
+                .any(|c| c.tracers.iter().any(|t| passive(t)))
+            {
+                wire_rounds += 1;
+                assert_eq!(
+                    with_tracers.len(),
+                    1,
+                    "{:?}",
+                    round.iter().map(|c| c.name).collect::<Vec<_>>()
+                );
+            }
+        }
+        assert!(wire_rounds >= 2);
+    }
 }
