@@ -13,6 +13,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
     ("bpftool", "bpftool"),
     ("util-linux", "setpriv"),
+    ("prometheus", "promtool"),
 ];
 
 impl Project {
