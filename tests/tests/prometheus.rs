@@ -26,7 +26,9 @@ use std::{
 use serde_json::Value;
 use serde_norway::Value as Yaml;
 use tcprtt_tests::{
-    kit::{Conn, EchoServer, Finished, Load, Loaded, bin, ip, round_trips_each, sock_addr, wait_for},
+    kit::{
+        Conn, EchoServer, Finished, Load, Loaded, bin, ip, round_trips_each, sock_addr, wait_for,
+    },
     testbed::{Delay, QUIET, TestBed},
 };
 
@@ -40,7 +42,9 @@ const DRAIN: Duration = Duration::from_millis(1300);
 const RTT_40MS_BUCKET: (f64, f64) = (0.032767, 0.065535);
 
 fn deploy(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(path)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(path)
 }
 
 /// A directory of its own under the system's temporary directory, removed on drop.
@@ -144,9 +148,7 @@ fn metric_sum(exposition: &str, name: &str) -> f64 {
         .filter(|l| l.split(['{', ' ']).next() == Some(name))
         .map(|l| {
             let value = l.rsplit(' ').next().expect("sample value");
-            value
-                .parse::<f64>()
-                .unwrap_or_else(|e| panic!("{e}: {l}"))
+            value.parse::<f64>().unwrap_or_else(|e| panic!("{e}: {l}"))
         })
         .sum()
 }
@@ -335,7 +337,10 @@ impl Prometheus {
             let mut command = Command::new("prometheus");
             command
                 .arg(format!("--config.file={}", config.display()))
-                .arg(format!("--storage.tsdb.path={}", dir.0.join("data").display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.0.join("data").display()
+                ))
                 .arg(format!("--web.listen-address={addr}"))
                 .arg("--log.level=warn")
                 .stdin(Stdio::null())
@@ -477,11 +482,7 @@ fn prometheus_scrapes_what_the_ndjson_report_counts_on_a_40_ms_path() {
     let mut bed = TestBed::new();
     let client = bed.host("client", &[client_ip]);
     let server = bed.host("server", &[server_ip]);
-    bed.link(
-        &client,
-        &server,
-        Delay::each_way(Duration::from_millis(20)),
-    );
+    bed.link(&client, &server, Delay::each_way(Duration::from_millis(20)));
     let srv = bed.serve(&server, sock_addr(server_ip, 0));
     let mut conns: Vec<Conn> = (0..4).map(|_| client.connect(ip(client_ip), srv)).collect();
 
@@ -494,9 +495,8 @@ fn prometheus_scrapes_what_the_ndjson_report_counts_on_a_40_ms_path() {
     thread::sleep(QUIET + DRAIN);
     prometheus.wait_for_scrape_after("tcprtt_srtt_seconds_count", unix_now());
 
-    let median = prometheus.query(
-        "histogram_quantile(0.5, sum by (le, raddr) (tcprtt_srtt_seconds_bucket))",
-    );
+    let median = prometheus
+        .query("histogram_quantile(0.5, sum by (le, raddr) (tcprtt_srtt_seconds_bucket))");
     assert_eq!(median.len(), 1, "{median:?}");
     assert_eq!(median[0]["metric"]["raddr"], server_ip, "{median:?}");
     let p50 = sample_value(&median[0]);
@@ -547,7 +547,10 @@ fn promtool_finds_real_scrapes_clean() {
     thread::sleep(DRAIN);
     for (exporter, buckets) in [(&rows, 27), (&fine, 193)] {
         let text = exporter.scrape();
-        assert!(metric_sum(&text, "tcprtt_srtt_seconds_count") >= 200.0, "{text}");
+        assert!(
+            metric_sum(&text, "tcprtt_srtt_seconds_count") >= 200.0,
+            "{text}"
+        );
         let les = text
             .lines()
             .filter(|l| l.starts_with("tcprtt_srtt_seconds_bucket{"))
@@ -628,10 +631,7 @@ fn promtool_accepts_the_deploy_scrape_config() {
         if let Some(sd) = job.remove("kubernetes_sd_configs") {
             kubernetes_jobs += 1;
             let sd = sd.as_sequence().expect("kubernetes_sd_configs is a list");
-            assert!(
-                sd.iter().all(|c| c["role"] == Yaml::from("pod")),
-                "{sd:?}"
-            );
+            assert!(sd.iter().all(|c| c["role"] == "pod"), "{sd:?}");
         }
     }
     assert_eq!(kubernetes_jobs, 1, "one job discovers the DaemonSet's pods");
@@ -672,14 +672,18 @@ fn the_dashboard_has_the_heatmap_the_quantiles_and_the_top_peers() {
     let q = exprs(&quantiles);
     for (i, phi) in ["0.5", "0.9", "0.99"].iter().enumerate() {
         assert!(
-            q[i].starts_with(&format!("histogram_quantile({phi}, sum by (le) (rate(tcprtt_srtt_seconds_bucket")),
+            q[i].starts_with(&format!(
+                "histogram_quantile({phi}, sum by (le) (rate(tcprtt_srtt_seconds_bucket"
+            )),
             "{q:?}"
         );
     }
     let top = panel("Top remote addresses by p99");
     let t = &exprs(&top)[0];
     assert!(
-        t.starts_with("topk(10, histogram_quantile(0.99, sum by (le, raddr) (rate(tcprtt_srtt_seconds_bucket"),
+        t.starts_with(
+            "topk(10, histogram_quantile(0.99, sum by (le, raddr) (rate(tcprtt_srtt_seconds_bucket"
+        ),
         "{t}"
     );
     assert_eq!(top["targets"][0]["instant"], true);
@@ -714,8 +718,8 @@ fn the_dashboard_has_the_heatmap_the_quantiles_and_the_top_peers() {
 /// The DaemonSet asks for nothing beyond CAP_BPF and CAP_PERFMON (and CAP_NET_ADMIN for
 /// the wire source): not privileged, all else dropped, no escalation, a read-only root,
 /// no host PID or IPC namespace, no writable host path; with limits. Its tcprtt flags are
-/// run for real, under exactly those capabilities (root with a bounding set of the two,
-/// no new privileges), and serve.
+/// run for real, as the pod runs them (root with a bounding set of the two, no new
+/// privileges, a read-only root), and serve.
 #[test]
 fn the_daemonset_asks_for_no_privilege_beyond_bpf_and_perfmon() {
     let path = deploy("kubernetes/daemonset.yaml");
@@ -785,14 +789,21 @@ fn the_daemonset_asks_for_no_privilege_beyond_bpf_and_perfmon() {
         .expect("the DaemonSet serves --prometheus");
     assert_eq!(args[at + 1], "$(NODE_IP):9464");
     args.drain(at..at + 2);
-    let mut command = Command::new("setpriv");
+    // A mount namespace of its own whose root is read-only, as readOnlyRootFilesystem makes
+    // it; then root with no capability but the two, and no new privileges.
+    let mut command = Command::new("unshare");
     command
-        .args(["--bounding-set=-all,+bpf,+perfmon", "--no-new-privs", "--"])
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(
+            "mount -o remount,bind,ro / && ! touch /.tcprtt-rw-probe 2>/dev/null && \
+             exec setpriv --bounding-set=-all,+bpf,+perfmon --no-new-privs -- \"$@\"",
+        )
+        .arg("sh")
         .arg(bin())
         .args(&args);
     let exporter = Exporter::start_command(command);
-    let status = fs::read_to_string(format!("/proc/{}/status", exporter.pid()))
-        .expect("tcprtt's status");
+    let status =
+        fs::read_to_string(format!("/proc/{}/status", exporter.pid())).expect("tcprtt's status");
     let cap_eff = status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
@@ -877,7 +888,10 @@ fn bad_requests_are_refused_and_the_counts_stay_exact() {
     )
     .expect("POST");
     assert_eq!(post.status, 405, "{post:?}");
-    assert!(post.head.to_ascii_lowercase().contains("allow: get, head"), "{post:?}");
+    assert!(
+        post.head.to_ascii_lowercase().contains("allow: get, head"),
+        "{post:?}"
+    );
 
     // A 10 MB header: refused with a 4xx, or the connection is closed on it.
     let mut big = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
@@ -888,9 +902,7 @@ fn bad_requests_are_refused_and_the_counts_stay_exact() {
         Err(e) => assert!(
             matches!(
                 e.kind(),
-                io::ErrorKind::BrokenPipe
-                    | io::ErrorKind::ConnectionReset
-                    | io::ErrorKind::Other
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::Other
             ),
             "10 MB header: {e}"
         ),
