@@ -37,6 +37,9 @@ use tcprtt_tests::{
 const START_LIMIT: Duration = Duration::from_secs(60);
 /// Longer than a drain period (1 s while serving) plus a scrape.
 const DRAIN: Duration = Duration::from_millis(1300);
+/// How long `_count` must stay the same before a test takes it as final: two drain
+/// periods and more, since a loaded machine can run a drain late.
+const SETTLED: Duration = Duration::from_millis(2500);
 /// The bcc row (bucket `le`, seconds) that the srtt of a 40 ms path falls in:
 /// 32768..65535 µs.
 const RTT_40MS_BUCKET: (f64, f64) = (0.032767, 0.065535);
@@ -266,6 +269,24 @@ impl Exporter {
         response.body
     }
 
+    /// The exposition's total `_count` once traffic has stopped: the first value that
+    /// stays the same for [`SETTLED`].
+    fn settled_count(&self) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last = metric_sum(&self.scrape(), "tcprtt_srtt_seconds_count");
+        let mut since = Instant::now();
+        loop {
+            thread::sleep(Duration::from_millis(250));
+            let now = metric_sum(&self.scrape(), "tcprtt_srtt_seconds_count");
+            if now != last {
+                (last, since) = (now, Instant::now());
+            } else if since.elapsed() >= SETTLED {
+                return last;
+            }
+            assert!(Instant::now() < deadline, "_count still changing: {now}");
+        }
+    }
+
     fn is_running(&mut self) -> bool {
         let child = self.child.as_mut().expect("running");
         child.try_wait().expect("waiting for tcprtt").is_none()
@@ -490,9 +511,10 @@ fn prometheus_scrapes_what_the_ndjson_report_counts_on_a_40_ms_path() {
     let prometheus = Prometheus::start(exporter.addr);
     prometheus.wait_for_scrape_after("tcprtt_build_info", unix_now());
     round_trips_each(&mut conns, 60);
-    // Nothing more arrives on these sockets while they stay open and idle: after a drain
-    // and a scrape past this moment, Prometheus holds the run's final counts.
-    thread::sleep(QUIET + DRAIN);
+    // Nothing more arrives on these sockets while they stay open and idle: once tcprtt's
+    // count has settled, a scrape past that moment holds the run's final counts.
+    thread::sleep(QUIET);
+    let settled = exporter.settled_count();
     prometheus.wait_for_scrape_after("tcprtt_srtt_seconds_count", unix_now());
 
     let median = prometheus
@@ -528,6 +550,7 @@ fn prometheus_scrapes_what_the_ndjson_report_counts_on_a_40_ms_path() {
     let (addr, ndjson_count, ndjson_sum_us) = &hists[0];
     assert_eq!(addr, server_ip);
     assert!(*ndjson_count >= 4 * 60, "{}", out.stdout);
+    assert_eq!(count, settled, "Prometheus against tcprtt's own /metrics");
     assert_eq!(count, *ndjson_count as f64, "{}", out.stdout);
     // _sum is in seconds, the NDJSON sum in whole µs.
     assert!(
@@ -942,9 +965,9 @@ fn bad_requests_are_refused_and_the_counts_stay_exact() {
 
     let idle = load.stop();
     let done = idle[0].1;
-    thread::sleep(QUIET + DRAIN);
+    thread::sleep(QUIET);
     let after = idle[0].0.segs_in();
-    let scraped = metric_sum(&exporter.scrape(), "tcprtt_srtt_seconds_count");
+    let scraped = exporter.settled_count();
     let out = exporter.stop();
     assert!(out.status.success(), "{out:?}");
     let hists = ndjson_by_raddr(&out.stdout);
