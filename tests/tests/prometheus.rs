@@ -25,9 +25,11 @@ use std::{
 
 use serde_json::Value;
 use serde_norway::Value as Yaml;
+use socket2::{Domain, Socket, Type};
 use tcprtt_tests::{
     kit::{
-        Conn, EchoServer, Finished, Load, Loaded, bin, ip, round_trips_each, sock_addr, wait_for,
+        Conn, EchoServer, Finished, Load, Loaded, bin, ip, ping_pong_parallel, round_trips_each,
+        sock_addr, wait_for,
     },
     testbed::{Delay, QUIET, TestBed},
 };
@@ -255,8 +257,18 @@ impl Exporter {
         self.child.as_ref().expect("running").id() as i32
     }
 
+    /// A scrape, retried for a while when tcprtt closes the connection at once because it
+    /// serves as many as it will already.
     fn scrape(&self) -> String {
-        let response = get(self.addr, "/metrics", "");
+        let request = format!("GET /metrics HTTP/1.0\r\nHost: {}\r\n\r\n", self.addr);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let response = loop {
+            match http(self.addr, request.as_bytes()) {
+                Ok(response) => break response,
+                Err(e) if Instant::now() > deadline => panic!("scraping {}: {e}", self.addr),
+                Err(_) => thread::sleep(Duration::from_millis(50)),
+            }
+        };
         assert_eq!(response.status, 200, "{response:?}");
         assert!(
             response
@@ -980,4 +992,65 @@ fn bad_requests_are_refused_and_the_counts_stay_exact() {
         after - before
     );
     drop(idle);
+}
+
+/// tcprtt's resident memory, in bytes.
+fn rss_bytes(pid: i32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("tcprtt's status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kib << 10
+}
+
+/// Each response holds its encoded body until the client has read it. Two hundred
+/// clients that ask for a large exposition and never read leave tcprtt's memory within a
+/// few bodies of where it was (it serves a bounded number of connections at once and
+/// closes the others); once they are gone it serves as before.
+#[test]
+fn clients_that_never_read_do_not_grow_tcprtts_memory() {
+    let srv = EchoServer::on("127.13.3.1");
+    // One series per connection, each with the 193 fine edges: a large body.
+    let exporter = Exporter::start(&["--by-flow", "-A", "127.13.3.1", "--prometheus-fine-buckets"]);
+    ping_pong_parallel(sock_addr("127.13.3.2", 0), srv.addr, 400, 1);
+    thread::sleep(DRAIN);
+    let body = exporter.scrape().len() as u64;
+    assert!(
+        body >= 4 << 20,
+        "only {body} bytes: too few series to matter"
+    );
+    let base = rss_bytes(exporter.pid());
+
+    let silent: Vec<TcpStream> = (0..200)
+        .map(|_| {
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+            // A small receive window: the body stays in tcprtt, not in this socket.
+            socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+            socket
+                .connect(&exporter.addr.into())
+                .expect("connecting to tcprtt");
+            let mut stream: TcpStream = socket.into();
+            stream
+                .write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+                .expect("request");
+            stream
+        })
+        .collect();
+    let bound = base + 24 * body;
+    let mut peak = base;
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        peak = peak.max(rss_bytes(exporter.pid()));
+        assert!(
+            peak <= bound,
+            "RSS {peak} bytes with 200 silent clients: from {base}, bodies of {body}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    drop(silent);
+    assert!(exporter.scrape().len() as u64 >= body);
+    let out = exporter.stop();
+    assert!(out.status.success(), "{out:?}");
 }
