@@ -1008,9 +1008,9 @@ fn rss_bytes(pid: i32) -> u64 {
 /// Each response holds its encoded body until the client has read it. Two hundred
 /// clients that ask for a large exposition and never read leave tcprtt's memory within a
 /// few bodies of where it was (it serves a bounded number of connections at once and
-/// closes the others); once they are gone it serves as before.
+/// closes the others), and their connections end after their lifetime, silent or not.
 #[test]
-fn clients_that_never_read_do_not_grow_tcprtts_memory() {
+fn clients_that_never_read_neither_grow_tcprtts_memory_nor_keep_their_place() {
     let srv = EchoServer::on("127.13.3.1");
     // One series per connection, each with the 193 fine edges: a large body.
     let exporter = Exporter::start(&["--by-flow", "-A", "127.13.3.1", "--prometheus-fine-buckets"]);
@@ -1023,6 +1023,7 @@ fn clients_that_never_read_do_not_grow_tcprtts_memory() {
     );
     let base = rss_bytes(exporter.pid());
 
+    let flood = Instant::now();
     let silent: Vec<TcpStream> = (0..200)
         .map(|_| {
             let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
@@ -1048,6 +1049,25 @@ fn clients_that_never_read_do_not_grow_tcprtts_memory() {
             "RSS {peak} bytes with 200 silent clients: from {base}, bodies of {body}"
         );
         thread::sleep(Duration::from_millis(100));
+    }
+    // Every place is taken by a silent client: another is closed at once, until the
+    // silent ones reach the end of their lifetime (30 s, and 10 s for the last response).
+    let request = b"GET /metrics HTTP/1.0\r\n\r\n";
+    assert!(
+        http(exporter.addr, request).is_err(),
+        "served beyond the bound"
+    );
+    loop {
+        if let Ok(r) = http(exporter.addr, request) {
+            assert_eq!(r.status, 200, "{}", r.head);
+            assert!(flood.elapsed() >= Duration::from_secs(29), "{flood:?}");
+            break;
+        }
+        assert!(
+            flood.elapsed() < Duration::from_secs(60),
+            "silent clients still hold every place after 60 s"
+        );
+        thread::sleep(Duration::from_millis(500));
     }
     drop(silent);
     assert!(exporter.scrape().len() as u64 >= body);

@@ -308,10 +308,12 @@ async fn handle(
 /// rather than queued: a scraper never waits behind bodies encoded for clients long gone.
 const MAX_CONNECTIONS: usize = 8;
 
-/// A connection is closed after this long, keep-alive or not, so that one whose client
-/// stalls (reading nothing, or idling between requests) gives its place back. Prometheus
-/// opens a new connection for its next scrape.
+/// After this long a connection ends, keep-alive or not, so that one whose client stalls
+/// (reading nothing, or idling between requests) gives its place back: a response under
+/// way is finished first, for at most [`LAST_RESPONSE`] more. Prometheus opens a new
+/// connection for its next scrape.
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+const LAST_RESPONSE: Duration = Duration::from_secs(10);
 
 /// Accepts connections for as long as the runtime runs; each gets its own task, and a
 /// client that stalls is cut off by the header timeout or the connection lifetime.
@@ -334,7 +336,14 @@ async fn serve(listener: TcpListener, published: Arc<Mutex<Arc<Snapshot>>>) {
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
+            let mut connection = std::pin::pin!(connection);
+            if tokio::time::timeout(CONNECTION_LIFETIME, connection.as_mut())
+                .await
+                .is_err()
+            {
+                connection.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(LAST_RESPONSE, connection).await;
+            }
             drop(place);
         });
     }
