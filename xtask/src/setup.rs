@@ -8,11 +8,14 @@ use crate::{Project, is_root, on_path, output};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests call, each with a command it provides: `ip`/`ss` (iproute2),
-/// `bpftool`, `setpriv`.
+/// `bpftool`, `setpriv`; QEMU, a static busybox and cpio for `vm-test`'s guests.
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
     ("bpftool", "bpftool"),
     ("util-linux", "setpriv"),
+    ("qemu-system-x86", "qemu-system-x86_64"),
+    ("busybox-static", "busybox"),
+    ("cpio", "cpio"),
     ("prometheus", "promtool"),
 ];
 

@@ -135,6 +135,7 @@ fn labels(key: &Key) -> Vec<(&'static str, String)> {
 fn metric_name(source: Source) -> &'static str {
     match source {
         Source::Srtt => "tcprtt_srtt_seconds",
+        Source::Wire => "tcprtt_wire_rtt_seconds",
     }
 }
 
@@ -459,11 +460,6 @@ mod tests {
             unit: Unit::Micros,
             fine_buckets: false,
         }
-    }
-
-    fn golden(name: &str) -> String {
-        let path = format!("{}/tests/golden/{name}", env!("CARGO_MANIFEST_DIR"));
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
     }
 
     #[test]

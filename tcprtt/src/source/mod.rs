@@ -3,18 +3,19 @@
 
 pub mod double_buffer;
 pub mod srtt;
+pub mod wire;
 
 use anyhow::{Context, Result, anyhow};
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{HashMap, LpmTrie, lpm_trie::Key},
 };
 use ipnet::IpNet;
 use tcprtt_common::{FILTER_KEY_LEN, family};
 
 use crate::{
-    cli::is_ipv4_prefix,
-    report::{Losses, Row},
+    cli::{Options, is_ipv4_prefix},
+    report::{ALL_TRAFFIC, Losses, Row},
 };
 
 /// What a source measured over one interval.
@@ -35,6 +36,41 @@ pub trait Source {
     /// The `-v` summary: what the programs saw and, with run-time statistics on, what they
     /// cost.
     fn self_report(&self, stats_on: bool) -> Result<String>;
+    /// A line for stderr at the end of the run, when the source has something to say
+    /// without -v (why nothing could be measured, samples it had to give up).
+    fn farewell(&self) -> Result<Option<String>> {
+        Ok(None)
+    }
+}
+
+/// Loads `object` with `loader`'s settings, the histogram and filter maps sized for
+/// `opts`, and fills the filters.
+pub fn load_with_filters(
+    loader: &mut EbpfLoader<'_>,
+    opts: &Options,
+    object: &[u8],
+) -> Result<Ebpf> {
+    let hist_entries = if opts.grouping == ALL_TRAFFIC {
+        1
+    } else {
+        opts.max_keys
+    };
+    // A map needs at least one entry even when its filter is unused.
+    let len = |n: usize| n.max(1) as u32;
+    let mut ebpf = loader
+        .map_max_entries("HIST0", hist_entries)
+        .map_max_entries("HIST1", hist_entries)
+        .map_max_entries("LADDRS", len(opts.laddr.len()))
+        .map_max_entries("RADDRS", len(opts.raddr.len()))
+        .map_max_entries("LPORTS", len(opts.lport.len()))
+        .map_max_entries("RPORTS", len(opts.rport.len()))
+        .load(object)
+        .context("loading the eBPF object into the kernel")?;
+    fill_prefixes(&mut ebpf, "LADDRS", &opts.laddr)?;
+    fill_prefixes(&mut ebpf, "RADDRS", &opts.raddr)?;
+    fill_ports(&mut ebpf, "LPORTS", &opts.lport)?;
+    fill_ports(&mut ebpf, "RPORTS", &opts.rport)?;
+    Ok(ebpf)
 }
 
 /// A map of the loaded object, as the aya type `T`.
@@ -62,12 +98,12 @@ pub fn filter_key(net: &IpNet) -> Key<[u8; FILTER_KEY_LEN]> {
     };
     let mut data = [0; FILTER_KEY_LEN];
     data[0] = tag as u8;
-    data[1..17].copy_from_slice(&addr.octets());
-    Key::new(8 + bits, data)
+    data[4..].copy_from_slice(&addr.octets());
+    Key::new(32 + bits, data)
 }
 
 /// Stores address prefixes in the LPM-trie filter map `name`.
-pub fn fill_prefixes(ebpf: &mut Ebpf, name: &str, nets: &[IpNet]) -> Result<()> {
+fn fill_prefixes(ebpf: &mut Ebpf, name: &str, nets: &[IpNet]) -> Result<()> {
     let mut trie: LpmTrie<_, [u8; FILTER_KEY_LEN], u8> = LpmTrie::try_from(
         ebpf.map_mut(name)
             .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?,
@@ -80,7 +116,7 @@ pub fn fill_prefixes(ebpf: &mut Ebpf, name: &str, nets: &[IpNet]) -> Result<()> 
 }
 
 /// Stores ports in the hash filter map `name`.
-pub fn fill_ports(ebpf: &mut Ebpf, name: &str, ports: &[u16]) -> Result<()> {
+fn fill_ports(ebpf: &mut Ebpf, name: &str, ports: &[u16]) -> Result<()> {
     let mut map: HashMap<_, u16, u8> = HashMap::try_from(
         ebpf.map_mut(name)
             .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?,
@@ -99,18 +135,18 @@ mod tests {
     #[test]
     fn prefixes_are_tagged_with_their_family() {
         let k = filter_key(&"127.0.0.0/8".parse().unwrap());
-        assert_eq!(k.prefix_len(), 8 + 104);
-        assert_eq!(k.data()[..1], [4]);
-        assert_eq!(k.data()[11..14], [0xff, 0xff, 127]);
+        assert_eq!(k.prefix_len(), 32 + 104);
+        assert_eq!(k.data()[..4], [4, 0, 0, 0]);
+        assert_eq!(k.data()[14..17], [0xff, 0xff, 127]);
         let k = filter_key(&"::ffff:127.0.0.0/104".parse().unwrap());
         assert_eq!(
             (k.prefix_len(), k.data()),
-            (8 + 104, filter_key(&"127.0.0.0/8".parse().unwrap()).data())
+            (32 + 104, filter_key(&"127.0.0.0/8".parse().unwrap()).data())
         );
         let k = filter_key(&"2001:db8::/32".parse().unwrap());
-        assert_eq!(k.prefix_len(), 8 + 32);
-        assert_eq!(k.data()[..5], [6, 0x20, 0x01, 0x0d, 0xb8]);
+        assert_eq!(k.prefix_len(), 32 + 32);
+        assert_eq!(k.data()[..8], [6, 0, 0, 0, 0x20, 0x01, 0x0d, 0xb8]);
         let k = filter_key(&"::/0".parse().unwrap());
-        assert_eq!((k.prefix_len(), k.data()[0]), (8, 6));
+        assert_eq!((k.prefix_len(), k.data()[0]), (32, 6));
     }
 }

@@ -104,7 +104,7 @@ pub fn run(project: &Project) -> Result<()> {
     );
     let bin = project.release_bin();
     let object = runs::newest_object(&project.root)?;
-    let stale = runs::tcprtt_programs();
+    let stale = crate::tcprtt_programs();
     if !stale.is_empty() {
         bail!(
             "tcprtt programs are already loaded ({}); stop them before benchmarking",

@@ -2,11 +2,13 @@
 //! ping-pong and many-address clients, and tcprtt itself as a child process.
 
 use std::{
+    collections::BTreeSet,
     fs,
     io::{BufRead, BufReader, Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     path::Path,
     process::{Child, Command, Stdio},
+    sync::Mutex,
     thread,
     time::{Duration, Instant},
 };
@@ -126,6 +128,14 @@ pub fn many_clients(server: SocketAddr, keys: u32) -> Result<()> {
     Ok(())
 }
 
+/// Ids of the BPF programs every stopped tracer held, to check at the end that the kernel
+/// freed them all.
+static HELD: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+
+pub fn held_programs() -> BTreeSet<u32> {
+    HELD.lock().map(|h| h.clone()).unwrap_or_default()
+}
+
 /// A running tcprtt, attached.
 pub struct Tracer {
     child: Child,
@@ -159,6 +169,25 @@ impl Tracer {
         self.child.id()
     }
 
+    /// Ids of the BPF programs it holds (its program and link file descriptors say),
+    /// which tell its programs from those of any other tcprtt running on the host.
+    pub fn program_ids(&self) -> Result<BTreeSet<u32>> {
+        let dir = format!("/proc/{}/fdinfo", self.pid());
+        let mut ids = BTreeSet::new();
+        for entry in fs::read_dir(&dir).with_context(|| format!("listing {dir}"))? {
+            // A descriptor closed meanwhile has nothing to say.
+            let Ok(info) = fs::read_to_string(entry?.path()) else {
+                continue;
+            };
+            ids.extend(
+                info.lines()
+                    .filter_map(|l| l.strip_prefix("prog_id:"))
+                    .filter_map(|id| id.trim().parse::<u32>().ok()),
+            );
+        }
+        Ok(ids)
+    }
+
     /// Peak resident set size so far, in KiB.
     pub fn peak_rss_kib(&self) -> Result<u64> {
         let path = format!("/proc/{}/status", self.pid());
@@ -178,6 +207,10 @@ impl Tracer {
             let _ = stdout.read_to_string(&mut s);
             s
         });
+        let ids = self.program_ids()?;
+        if let Ok(mut held) = HELD.lock() {
+            held.extend(ids);
+        }
         let signalled = Instant::now();
         // Our own child, not yet waited for, so the pid is still its.
         kill_process(Pid::from_child(&self.child), Signal::INT)

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use aya::{
     Btf, Ebpf, EbpfLoader,
     programs::{BtfTracePoint, loaded_programs},
@@ -21,7 +21,7 @@ use serde_json::Value;
 use super::{
     COST_ROUND_TRIPS, EMPTY_PROGRAM, MODES, ROUNDS, SCALE_KEYS, SCALE_ROUNDS, SETTLE,
     TCPRTT_PROGRAM, TPS_PAIRS, TPS_WINDOW,
-    peers::{Placement, Tracer, many_clients, ping_pong},
+    peers::{Placement, Tracer, held_programs, many_clients, ping_pong},
     report::warning_count,
 };
 
@@ -86,15 +86,15 @@ pub fn cost(
         .collect();
     let mut verified = Vec::new();
     let _stats = run_time_stats()?;
-    let _empty = attach_empty(object)?;
+    let (_empty, empty) = attach_empty(object)?;
     for round in 0..ROUNDS {
         for (mode, samples) in MODES.iter().zip(cost.iter_mut()) {
-            cost_round(bin, mode.args, placements, round, samples)?;
+            cost_round(bin, mode.args, placements, round, empty, samples)?;
         }
     }
     for mode in &MODES {
         let tracer = Tracer::start(bin, mode.args)?;
-        verified.push(verified_program(TCPRTT_PROGRAM)?);
+        verified.push(verified_program(tracer_program(&tracer)?)?);
         tracer.stop()?;
     }
     Ok((cost, verified))
@@ -107,27 +107,23 @@ fn cost_round(
     args: &[&str],
     placements: &[Placement],
     round: usize,
+    empty: u32,
     samples: &mut [CostSamples],
 ) -> Result<()> {
     let tracer = Tracer::start(bin, args)?;
+    let ours = tracer_program(&tracer)?;
     let mut order: Vec<usize> = (0..placements.len()).collect();
     if round % 2 == 1 {
         order.reverse();
     }
     for i in order {
-        let (ours0, floor0) = (
-            program_stats(TCPRTT_PROGRAM)?,
-            program_stats(EMPTY_PROGRAM)?,
-        );
+        let (ours0, floor0) = (program_stats(ours)?, program_stats(empty)?);
         ping_pong(
             placements[i].server,
             COST_ROUND_TRIPS,
             Duration::from_secs(30),
         )?;
-        let (ours1, floor1) = (
-            program_stats(TCPRTT_PROGRAM)?,
-            program_stats(EMPTY_PROGRAM)?,
-        );
+        let (ours1, floor1) = (program_stats(ours)?, program_stats(empty)?);
         let (ours, floor) = (per_run(ours0, ours1)?, per_run(floor0, floor1)?);
         let s = &mut samples[i];
         s.ours.push(ours);
@@ -174,7 +170,7 @@ pub fn lifecycle(bin: &Path, placement: &Placement) -> Result<LifecycleSamples> 
         ping_pong(placement.server, 1000, Duration::from_secs(10))?;
         s.rss.push(tracer.peak_rss_kib()? as f64);
         if round == 0 {
-            s.memory = map_memory(TCPRTT_PROGRAM)?;
+            s.memory = map_memory(tracer_program(&tracer)?)?;
         }
         let (_, took) = tracer.stop()?;
         s.shutdown.push(took.as_secs_f64() * 1000.0);
@@ -187,14 +183,15 @@ pub fn scale(bin: &Path, placement: &Placement) -> Result<ScaleSamples> {
     let _stats = run_time_stats()?;
     for round in 0..SCALE_ROUNDS {
         let tracer = Tracer::start(bin, &["--by-raddr"])?;
-        let s0 = program_stats(TCPRTT_PROGRAM)?;
+        let ours = tracer_program(&tracer)?;
+        let s0 = program_stats(ours)?;
         many_clients(placement.server, SCALE_KEYS)?;
-        let s1 = program_stats(TCPRTT_PROGRAM)?;
+        let s1 = program_stats(ours)?;
         // The same addresses again: every key now exists.
         many_clients(placement.server, SCALE_KEYS)?;
-        let s2 = program_stats(TCPRTT_PROGRAM)?;
+        let s2 = program_stats(ours)?;
         if round == 0 {
-            scale.memory = map_memory(TCPRTT_PROGRAM)?.0;
+            scale.memory = map_memory(ours)?.0;
         }
         let (report, took) = tracer.stop()?;
         scale
@@ -212,20 +209,34 @@ pub fn scale(bin: &Path, placement: &Placement) -> Result<ScaleSamples> {
     Ok(scale)
 }
 
-/// Cumulative (run time in ns, run count) of the loaded program with this name.
-fn program_stats(name: &str) -> Result<(u64, u64)> {
-    let mut found = None;
+/// The id of a tracer's own `tcprtt_tp_btf` program.
+fn tracer_program(tracer: &Tracer) -> Result<u32> {
+    let held = tracer.program_ids()?;
+    let mut found = Vec::new();
     for info in loaded_programs() {
         let info = info.context("listing loaded BPF programs")?;
-        if info.name_as_str() == Some(name) {
-            ensure!(
-                found.is_none(),
-                "more than one program named {name} is loaded"
-            );
-            found = Some((info.run_time().as_nanos() as u64, info.run_count()));
+        if held.contains(&info.id()) && info.name_as_str() == Some(TCPRTT_PROGRAM) {
+            found.push(info.id());
         }
     }
-    found.with_context(|| format!("no program named {name} is loaded"))
+    match found[..] {
+        [id] => Ok(id),
+        _ => bail!(
+            "tcprtt holds {} programs named {TCPRTT_PROGRAM}",
+            found.len()
+        ),
+    }
+}
+
+/// Cumulative (run time in ns, run count) of the loaded program with this id.
+fn program_stats(id: u32) -> Result<(u64, u64)> {
+    for info in loaded_programs() {
+        let info = info.context("listing loaded BPF programs")?;
+        if info.id() == id {
+            return Ok((info.run_time().as_nanos() as u64, info.run_count()));
+        }
+    }
+    bail!("program {id} is no longer loaded")
 }
 
 /// Nanoseconds per run between two readings of `program_stats`.
@@ -235,26 +246,23 @@ fn per_run(before: (u64, u64), after: (u64, u64)) -> Result<f64> {
     Ok((after.0 - before.0) as f64 / runs as f64)
 }
 
-/// Names of tcprtt's programs still loaded (by this or an earlier run).
-pub fn tcprtt_programs() -> Vec<String> {
-    loaded_programs()
-        .filter_map(Result::ok)
-        .filter_map(|p| {
-            let name = p.name_as_str()?;
-            name.starts_with("tcprtt_")
-                .then(|| format!("{name} (id {})", p.id()))
-        })
-        .collect()
-}
-
 /// Waits for the kernel to free unloaded programs (after an RCU grace period), then
-/// fails if any of tcprtt's is still loaded.
+/// fails if any program a stopped tracer held is still loaded.
 pub fn ensure_unloaded() -> Result<()> {
+    let held = held_programs();
+    ensure!(!held.is_empty(), "no tracer held a program");
+    let left = || -> Vec<String> {
+        loaded_programs()
+            .filter_map(Result::ok)
+            .filter(|p| held.contains(&p.id()))
+            .map(|p| format!("{} (id {})", p.name_as_str().unwrap_or("?"), p.id()))
+            .collect()
+    };
     let deadline = Instant::now() + Duration::from_secs(2);
-    while !tcprtt_programs().is_empty() && Instant::now() < deadline {
+    while !left().is_empty() && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(20));
     }
-    let left = tcprtt_programs();
+    let left = left();
     ensure!(
         left.is_empty(),
         "programs left loaded after the benchmark: {}",
@@ -281,8 +289,8 @@ pub fn newest_object(root: &Path) -> Result<PathBuf> {
 }
 
 /// The empty program, attached to tp_btf/tcp_probe: the cost floor of any program there.
-/// Dropping the returned object detaches and unloads it.
-fn attach_empty(object: &Path) -> Result<Ebpf> {
+/// Dropping the returned object detaches and unloads it. Also returns its id.
+fn attach_empty(object: &Path) -> Result<(Ebpf, u32)> {
     let btf = Btf::from_sys_fs().context("reading the kernel's BTF")?;
     let bytes = fs::read(object).with_context(|| format!("reading {}", object.display()))?;
     let mut ebpf = EbpfLoader::new()
@@ -296,7 +304,8 @@ fn attach_empty(object: &Path) -> Result<Ebpf> {
     prog.load("tcp_probe", &btf)
         .context("loading tcprtt_empty")?;
     prog.attach().context("attaching tcprtt_empty")?;
-    Ok(ebpf)
+    let id = prog.info().context("tcprtt_empty's id")?.id();
+    Ok((ebpf, id))
 }
 
 /// The kernel's BPF run-time statistics, on while this lives. They are system-wide and
@@ -314,8 +323,8 @@ fn bpftool(args: &[&str]) -> Result<Value> {
 
 /// tcprtt's program as the verifier left it for a mode's settings (it removes the code
 /// that the read-only configuration rules out): instruction count and the calls it makes.
-fn verified_program(prog_name: &str) -> Result<Verified> {
-    let xlated = bpftool(&["prog", "dump", "xlated", "name", prog_name])?;
+fn verified_program(id: u32) -> Result<Verified> {
+    let xlated = bpftool(&["prog", "dump", "xlated", "id", &id.to_string()])?;
     let insns = xlated
         .as_array()
         .context("bpftool's xlated dump is not a list")?;
@@ -349,10 +358,8 @@ fn call_name(target: &str) -> String {
 }
 
 /// `bytes_memlock` of every map tcprtt's program uses, per bpftool.
-fn map_memory(prog_name: &str) -> Result<(u64, Vec<(String, u64)>)> {
-    let shown = bpftool(&["prog", "show", "name", prog_name])?;
-    // One object for one program of that name, a list for several.
-    let prog = shown.as_array().and_then(|a| a.first()).unwrap_or(&shown);
+fn map_memory(id: u32) -> Result<(u64, Vec<(String, u64)>)> {
+    let prog = bpftool(&["prog", "show", "id", &id.to_string()])?;
     let ids = prog["map_ids"]
         .as_array()
         .context("no map_ids in bpftool's output")?;
