@@ -192,6 +192,42 @@ pub fn program_maps(id: u32) -> Result<Vec<MapMemory>> {
     Ok(maps)
 }
 
+impl MapMemory {
+    pub fn is_hash(&self) -> bool {
+        self.kind.contains("hash")
+    }
+
+    pub fn is_percpu(&self) -> bool {
+        self.kind.starts_with("percpu") || self.kind.starts_with("lru_percpu")
+    }
+
+    pub fn preallocated(&self) -> bool {
+        // BPF_F_NO_PREALLOC in the kernel's uapi.
+        self.flags & 1 == 0
+    }
+}
+
+pub fn round8(n: u64) -> u64 {
+    n.div_ceil(8) * 8
+}
+
+/// What one element of a hash map that allocates as keys arrive adds to `bytes_memlock`
+/// with `cpus` possible CPUs, as `htab_map_mem_usage` (kernel/bpf/hashtab.c) counts it:
+/// the element (48-byte header, key, value or a pointer to the per-CPU value) and its
+/// free-list node, plus for a per-CPU map two more words and the value once per CPU.
+/// `None` for other maps.
+pub fn element_bytes(map: &MapMemory, cpus: u64) -> Option<u64> {
+    if !map.is_hash() || map.preallocated() {
+        return None;
+    }
+    let value = round8(map.value);
+    Some(if map.is_percpu() {
+        48 + round8(map.key) + 8 + 8 + 16 + value * cpus
+    } else {
+        48 + round8(map.key) + value + 8
+    })
+}
+
 /// The number of possible CPUs: what per-CPU map values are allocated for.
 pub fn possible_cpus() -> Result<u64> {
     let path = "/sys/devices/system/cpu/possible";

@@ -7,8 +7,8 @@ use anyhow::Result;
 
 use super::{
     Stat, Tool,
-    kernel::{self, MapMemory},
-    keys::{KeyCost, NEW_KEYS, SUSTAINED, SUSTAINED_RATE, Sustained},
+    kernel::{self, MapMemory, element_bytes, round8},
+    keys::{KeyCost, NEW_KEYS, SUSTAINED, SUSTAINED_RATE, Sustained, elements},
     report::{ratios, verdict},
     stat,
 };
@@ -41,9 +41,11 @@ pub fn new_keys(md: &mut String, keys: &[(Tool, KeyCost)], missed: &mut Vec<Stri
          clients, each bound to its own address in 127.1.0.0/16, connect once to a loopback \
          server, send a byte, read it back and reset (pass 1: the server's sockets make one \
          key per client, filling the default `--max-keys`); then the same clients again \
-         (pass 2: every key exists). Creating a key costs pass 1's program time minus pass \
-         1's events at pass 2's time per event, divided by {NEW_KEYS}; the first event of a \
-         key costs that plus an event's time once keys exist.\n\n\
+         (pass 2: the keys exist, but for those the kernel could not allocate in pass 1). \
+         Keys in a map that allocates per key are counted from its `bytes_memlock` (see the \
+         next section); a preallocated map is taken to hold all {NEW_KEYS}. Each pass's \
+         program time is its events at one cost plus its new keys at another; the two \
+         passes give both. The first event of a key costs the two added.\n\n\
          | | tcprtt | C peer | tcprtt / C | target | |\n|---|---|---|---|---|---|",
         ours.existing.len()
     );
@@ -56,7 +58,21 @@ pub fn new_keys(md: &mut String, keys: &[(Tool, KeyCost)], missed: &mut Vec<Stri
             ratios(o, t).show(2)
         );
     };
-    row(md, "events per pass", &ours.events, &theirs.events, " |");
+    row(md, "events in pass 1", &ours.events, &theirs.events, " |");
+    row(
+        md,
+        "keys in the map after pass 1",
+        &ours.keys_pass1,
+        &theirs.keys_pass1,
+        &format!("{NEW_KEYS} |"),
+    );
+    row(
+        md,
+        "keys in the map after pass 2",
+        &ours.keys_pass2,
+        &theirs.keys_pass2,
+        &format!("{NEW_KEYS} |"),
+    );
     row(
         md,
         "ns per event, keys existing (pass 2)",
@@ -83,9 +99,20 @@ pub fn new_keys(md: &mut String, keys: &[(Tool, KeyCost)], missed: &mut Vec<Stri
     );
     let _ = writeln!(
         md,
-        "| histograms in tcprtt's final report | {} | | | {NEW_KEYS} | |",
-        stat(ours.reported.clone()).show(0)
+        "| samples tcprtt reported dropped for want of memory for a new key | {} | | | 0 | \
+         {} |",
+        stat(ours.no_memory.clone()).show(0),
+        verdict(ours.no_memory.iter().all(|n| *n == 0.0))
     );
+    let no_memory = stat(ours.no_memory.clone()).max;
+    if no_memory > 0.0 {
+        missed.push(format!(
+            "New keys as fast as loopback clients connect: tcprtt dropped up to {no_memory:.0} \
+             samples of {NEW_KEYS} new keys because the kernel could not allocate their \
+             histograms at that moment (a `BPF_F_NO_PREALLOC` map allocates from per-CPU \
+             caches refilled asynchronously); the C design's preallocated map drops none."
+        ));
+    }
     if !ok {
         missed.push(format!(
             "First event of a new key: {:.1} µs for tcprtt ({:.1} µs for the C design) where \
@@ -100,32 +127,43 @@ pub fn new_keys(md: &mut String, keys: &[(Tool, KeyCost)], missed: &mut Vec<Stri
     }
 }
 
-fn round8(n: u64) -> u64 {
-    n.div_ceil(8) * 8
+/// Bytes one more possible CPU adds to a map beyond its elements that are allocated per
+/// key, from how the kernel sizes it (`htab_map_mem_usage`, `array_map_mem_usage`):
+/// every hash map keeps eight `int` lock counters per CPU; a preallocated per-CPU hash
+/// map keeps each element's value per CPU; a preallocated shared hash map keeps one
+/// spare element and a pointer to it per CPU; a per-CPU array keeps each value per CPU.
+fn fixed_per_cpu(map: &MapMemory) -> u64 {
+    let value = round8(map.value);
+    match (map.is_hash(), map.is_percpu(), map.preallocated()) {
+        (true, true, true) => 32 + value * map.max_entries,
+        (true, false, true) => 32 + 48 + round8(map.key) + value + 8,
+        (true, _, false) => 32,
+        (false, true, _) => value * map.max_entries,
+        (false, false, _) => 0,
+    }
 }
 
-/// Bytes one more possible CPU adds to a map, from how the kernel sizes it
-/// (`htab_map_mem_usage`, `array_map_mem_usage` in kernel/bpf/): every hash map keeps
-/// eight `int` lock counters per CPU; a per-CPU hash map keeps each element's value per
-/// CPU; a preallocated shared hash map keeps one spare element (48-byte header, key,
-/// value) and a pointer to it per CPU; a per-CPU array keeps each value per CPU.
-fn per_cpu_bytes(map: &MapMemory, entries_in_use: u64) -> u64 {
-    let prealloc = map.flags & 1 == 0;
-    let value = round8(map.value);
-    match map.kind.as_str() {
-        "hash" if prealloc => 32 + 48 + round8(map.key) + value + 8,
-        "hash" | "lru_hash" => 32,
-        "percpu_hash" | "lru_percpu_hash" => {
-            32 + value
-                * if prealloc {
-                    map.max_entries
-                } else {
-                    entries_in_use
+/// A program's maps with `NEW_KEYS` keys, at `cpus` CPUs: measured at `possible` CPUs,
+/// plus what each further CPU adds, plus the elements still missing to `NEW_KEYS` in maps
+/// that allocate per key.
+fn memory_at(k: &KeyCost, possible: u64, cpus: u64) -> u64 {
+    k.maps_full
+        .iter()
+        .map(|m| {
+            let fixed = m.bytes + (cpus - possible.min(cpus)) * fixed_per_cpu(m);
+            let empty = k.maps_empty.iter().find(|e| e.name == m.name);
+            match (
+                empty.and_then(|e| elements(e, m, possible)),
+                element_bytes(m, cpus),
+            ) {
+                (Some(n), Some(per)) if n > 0 => {
+                    let now = n * element_bytes(m, possible).unwrap_or(per);
+                    fixed - now + u64::from(NEW_KEYS) * per
                 }
-        }
-        "percpu_array" => value * map.max_entries,
-        _ => 0,
-    }
+                _ => fixed,
+            }
+        })
+        .sum()
 }
 
 pub fn memory(md: &mut String, keys: &[(Tool, KeyCost)], missed: &mut Vec<String>) -> Result<()> {
@@ -133,37 +171,28 @@ pub fn memory(md: &mut String, keys: &[(Tool, KeyCost)], missed: &mut Vec<String
     md.push_str("\n## Kernel memory of the maps\n\n");
     let _ = writeln!(
         md,
-        "With the map full (the {NEW_KEYS} keys of the previous section, the default \
-         `--max-keys`), `bytes_memlock` of every map the program uses, as `bpftool -j map \
-         show` reports it: measured here with {possible} possible CPUs. For N CPUs: \
-         M(N) = M({possible}) + (N − {possible}) × Σ per map of the bytes one CPU adds: \
-         per-CPU array: round8(value) × entries; per-CPU hash: round8(value) × elements \
-         (all `max_entries` when preallocated, else the keys in use) + 32; preallocated \
-         shared hash: 48 + round8(key) + round8(value) + 8 + 32 (one spare element, its \
-         pointer and the lock counters); other hash maps: 32; arrays, LPM tries and \
-         map-of-maps: 0 (the kernel's `*_map_mem_usage`).\n\n\
-         | tracer | value bytes (kind) | {possible} CPUs (measured) | 16 CPUs | 128 CPUs |\n\
+        "`bytes_memlock` of every map the program uses, as `bpftool -j map show` reports it, \
+         after the passes of the previous section with the default `--max-keys` \
+         ({NEW_KEYS}), measured with {possible} possible CPUs, and computed for N CPUs with \
+         the kernel's own accounting (`htab_map_mem_usage`, `array_map_mem_usage`): \
+         M(N) = M({possible}) + (N − {possible}) × F + K × E(N) − k × E({possible}), where \
+         F is what a CPU adds to each map besides per-key elements (hash maps: 32 bytes of \
+         lock counters; a preallocated shared hash map also one spare element of \
+         48 + round8(key) + round8(value) bytes and an 8-byte pointer; per-CPU arrays and \
+         preallocated per-CPU hash maps: round8(value) × entries), and for a map that \
+         allocates per key, E(N) is one element (48 + round8(key) + 8 + 8, plus 16 + \
+         round8(value) × N when per-CPU), k the elements it holds (counted from its growth \
+         since start) and K = {NEW_KEYS}.\n\n\
+         | tracer | histogram value bytes (map kind) | {possible} CPUs (measured) | 16 CPUs | 128 CPUs |\n\
          |---|---|---|---|---|"
     );
     let mut totals = Vec::new();
     for (tool, k) in keys {
-        let grew = |m: &MapMemory| {
-            k.maps_empty
-                .iter()
-                .find(|e| e.name == m.name)
-                .is_some_and(|e| m.bytes > e.bytes)
-        };
-        let measured: u64 = k.maps_full.iter().map(|m| m.bytes).sum();
-        let per_cpu: u64 = k
-            .maps_full
-            .iter()
-            .map(|m| per_cpu_bytes(m, if grew(m) { u64::from(NEW_KEYS) } else { 0 }))
-            .sum();
-        let at = |n: u64| measured + (n - possible.min(n)) * per_cpu;
+        let at = |n: u64| memory_at(k, possible, n);
         let hist = k
             .maps_full
             .iter()
-            .filter(|m| m.kind.ends_with("hash") && m.max_entries >= DEFAULT_MAX_KEYS)
+            .filter(|m| m.is_hash() && m.max_entries >= DEFAULT_MAX_KEYS)
             .map(|m| format!("{} ({})", m.value, m.kind))
             .next()
             .unwrap_or_default();
@@ -172,11 +201,11 @@ pub fn memory(md: &mut String, keys: &[(Tool, KeyCost)], missed: &mut Vec<String
             md,
             "| {} | {hist} | {} | {} | {} |",
             tool.name(),
-            mib(measured),
+            mib(at(possible)),
             mib(at(16)),
             mib(at(128))
         );
-        totals.push((*tool, [measured, at(16), at(128)]));
+        totals.push((*tool, [at(possible), at(16), at(128)]));
     }
     md.push_str("\nPer map, measured (bytes): ");
     for (tool, k) in keys {
@@ -269,5 +298,57 @@ pub fn sustained(md: &mut String, s: &Sustained, missed: &mut Vec<String>) {
              the machine could not go faster while tcprtt ran.",
             s.rate
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(kind: &str, flags: u64, value: u64, max_entries: u64, bytes: u64) -> MapMemory {
+        MapMemory {
+            name: "HIST".into(),
+            kind: kind.into(),
+            flags,
+            key: 40,
+            value,
+            max_entries,
+            bytes,
+        }
+    }
+
+    /// Bytes this machine's kernel reported for tcprtt's `BPF_F_NO_PREALLOC` per-CPU
+    /// histogram map, empty and with 10240 keys, 2 possible CPUs.
+    #[test]
+    fn elements_follow_the_kernels_accounting() {
+        let empty = map("percpu_hash", 1, 808, 10240, 263_040);
+        let full = map("percpu_hash", 1, 808, 10240, 18_039_680);
+        assert_eq!(element_bytes(&full, 2), Some(1736));
+        assert_eq!(elements(&empty, &full, 2), Some(10240));
+        assert_eq!(element_bytes(&map("hash", 0, 128, 10240, 0), 2), None);
+    }
+
+    #[test]
+    fn memory_grows_with_cpus_only_where_values_are_per_cpu() {
+        let k = KeyCost {
+            maps_empty: vec![map("percpu_hash", 1, 808, 10240, 263_040)],
+            maps_full: vec![map("percpu_hash", 1, 808, 10240, 18_039_680)],
+            ..KeyCost::default()
+        };
+        assert_eq!(memory_at(&k, 2, 2), 18_039_680);
+        assert_eq!(memory_at(&k, 2, 3), 18_039_680 + 32 + 10240 * 808);
+        let shared = KeyCost {
+            maps_empty: vec![map("hash", 0, 128, 10240, 2_475_328)],
+            maps_full: vec![map("hash", 0, 128, 10240, 2_475_328)],
+            ..KeyCost::default()
+        };
+        assert_eq!(memory_at(&shared, 2, 3), 2_475_328 + 32 + 48 + 40 + 128 + 8);
+    }
+
+    #[test]
+    fn median_and_spread() {
+        let s = stat(vec![3.0, 1.0, 2.0]);
+        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
+        assert_eq!(stat(vec![4.0, 1.0, 2.0, 3.0]).show(1), "2.5 (1.0–4.0)");
     }
 }
