@@ -5,6 +5,8 @@
 //! too, so the kernel and the renderer cannot disagree on which value lands where.
 #![no_std]
 
+pub mod wire;
+
 /// Number of classic log2 slots in a printed histogram (bcc's layout): slot 0 holds 0
 /// and 1, slot k holds 2^k..2^(k+1)-1, and the last slot holds everything larger.
 pub const LOG2_SLOTS: usize = 27;
@@ -101,10 +103,10 @@ pub mod family {
     pub const V6: u32 = 6;
 }
 
-/// Bytes of an address-filter key (the data of an LPM-trie key): a family tag
-/// ([`family::V4`] or [`family::V6`], as a byte), the 16-byte address (IPv4 in its
-/// IPv4-mapped form), then three zero bytes that keep the key 4-byte aligned. The tag keeps
-/// an IPv6 prefix such as `::/0` from ever matching an IPv4 socket.
+/// Bytes of an address-filter key (the data of an LPM-trie key): a 4-byte family tag
+/// ([`family::V4`] or [`family::V6`] in its first byte, three zero bytes), then the 16-byte
+/// address (IPv4 in its IPv4-mapped form), so the program builds it from 32-bit words. The
+/// tag keeps an IPv6 prefix such as `::/0` from ever matching an IPv4 socket.
 pub const FILTER_KEY_LEN: usize = 20;
 
 /// Bits of [`ProbeConfig::filters`]: which filter maps the program must consult.
@@ -125,10 +127,13 @@ pub mod stat {
     /// Segments whose srtt could not be read, or of a family other than IPv4/IPv6.
     pub const UNREADABLE: u32 = 1;
     /// Matched segments of a new key for which the kernel could not allocate a histogram
-    /// at that moment (its allocator for maps without preallocation refills in the
-    /// background, so a burst of new keys can outrun it).
+    /// at that moment.
     pub const NO_MEMORY: u32 = 2;
-    pub const COUNT: u32 = 3;
+    /// Samples of a grouped histogram whose min or max could not be stored because other
+    /// CPUs kept storing new extremes first (the compare-and-swap ran out of retries); the
+    /// sample itself is counted, only that histogram's min or max may be off.
+    pub const EXTREME_CONTENDED: u32 = 3;
+    pub const COUNT: u32 = 4;
 }
 
 /// Read-only configuration, written into the program's `.rodata` by the loader before the
@@ -204,7 +209,8 @@ pub struct HistKey {
 /// wrap within this time; a CPU handles a few million TCP segments a second at most.
 pub const DRAIN_PERIOD_SECS: u64 = 30;
 
-/// One histogram (one CPU's share of it: the map is per-CPU and userspace adds them up).
+/// One histogram: in the grouped maps shared by all CPUs (atomic adds), in the all-traffic
+/// array one CPU's share of it (userspace adds the CPUs up).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HistValue {

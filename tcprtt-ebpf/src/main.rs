@@ -9,14 +9,20 @@
 //! BTF and wrote into `CONFIG`, so this object carries no kernel struct layout.
 #![no_std]
 #![no_main]
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
+
+mod wire;
 
 use aya_ebpf::{
     Global,
-    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    bindings::BPF_NOEXIST,
     btf_maps::{self, ArrayOfMaps},
     helpers::bpf_probe_read_kernel,
     macros::{btf_map, btf_tracepoint, fentry, map},
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::{BtfTracePointContext, FEntryContext},
 };
 use tcprtt_common::{
@@ -33,13 +39,16 @@ static CONFIG: Global<ProbeConfig> = Global::new(ProbeConfig::ZERO);
 /// Two histogram maps (and two `ALL` arrays), written alternately: userspace flips
 /// `ACTIVE`, waits until every program that might still use the old one has returned, then
 /// reads and empties it. This is what makes interval reports exact without locking.
+///
+/// The grouped maps hold one histogram per key shared by all CPUs, updated with atomic
+/// adds, and are preallocated: memory does not grow with the CPU count, and a new key
+/// costs a copy of `NEW_HIST`, not an allocation that can fail under a burst of new keys.
 #[map]
-static HIST0: PerCpuHashMap<HistKey, HistValue> =
-    PerCpuHashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
+static HIST0: HashMap<HistKey, HistValue> = HashMap::with_max_entries(1, 0);
 #[map]
-static HIST1: PerCpuHashMap<HistKey, HistValue> =
-    PerCpuHashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
-/// The single histogram used when not grouping: a per-CPU array needs no key hashing.
+static HIST1: HashMap<HistKey, HistValue> = HashMap::with_max_entries(1, 0);
+/// The single histogram used when not grouping: a per-CPU array needs no key hashing and
+/// no atomic operation.
 #[map]
 static ALL0: PerCpuArray<HistValue> = PerCpuArray::with_max_entries(1, 0);
 #[map]
@@ -47,9 +56,10 @@ static ALL1: PerCpuArray<HistValue> = PerCpuArray::with_max_entries(1, 0);
 /// Index (0 or 1) of the histogram maps being written.
 #[map]
 static ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
-/// An all-zero histogram to insert new keys with: a `HistValue` is too big for the stack.
+/// The value a new key starts from: empty, with `min` at `u64::MAX` so the first sample
+/// sets it (written by userspace; a `HistValue` is too big for the stack).
 #[map]
-static ZERO: PerCpuArray<HistValue> = PerCpuArray::with_max_entries(1, 0);
+static NEW_HIST: Array<HistValue> = Array::with_max_entries(1, 0);
 /// Counters of the rare outcomes, indexed by `tcprtt_common::stat`; cumulative.
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
@@ -105,7 +115,7 @@ enum Skip {
     Unreadable,
     /// The histogram map is full.
     MapFull,
-    /// The kernel could not allocate a histogram for a new key just now.
+    /// The kernel could not add the key to the histogram map for another reason.
     NoMemory,
 }
 
@@ -137,37 +147,52 @@ fn read<T: Copy>(sk: *const u8, offset: u32) -> T {
     unsafe { core::ptr::read_volatile(sk.wrapping_add(offset as usize).cast::<T>()) }
 }
 
+/// Sixteen address bytes from four 32-bit words, kept in memory order (no copy loop).
+#[inline(always)]
+fn addr_from_words(words: [u32; 4]) -> [u8; 16] {
+    // SAFETY: both types are 16 plain bytes.
+    unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(words) }
+}
+
 /// An IPv6 address read as four 32-bit loads, the widest that match `in6_addr`'s members.
 #[inline(always)]
 fn read_in6(sk: *const u8, offset: u32) -> [u8; 16] {
-    let mut addr = [0u8; 16];
-    for (i, chunk) in addr.chunks_exact_mut(4).enumerate() {
-        let word: u32 = read(sk, offset + 4 * i as u32);
-        chunk.copy_from_slice(&word.to_ne_bytes());
-    }
-    addr
+    addr_from_words([
+        read(sk, offset),
+        read(sk, offset + 4),
+        read(sk, offset + 8),
+        read(sk, offset + 12),
+    ])
 }
+
+/// The third word of an IPv4-mapped address (`::ffff:a.b.c.d`), as stored in memory.
+const MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 /// An IPv4 address in the IPv4-mapped IPv6 form used by every key and filter.
 #[inline(always)]
 fn mapped_v4(v4: [u8; 4]) -> [u8; 16] {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
-    ]
+    addr_from_words([0, 0, MAPPED_WORD, u32::from_ne_bytes(v4)])
 }
 
 #[inline(always)]
 fn is_v4_mapped(addr: &[u8; 16]) -> bool {
-    addr[..10].iter().all(|b| *b == 0) && addr[10] == 0xff && addr[11] == 0xff
+    // SAFETY: 16 plain bytes read as four words.
+    let words = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(*addr) };
+    words[0] == 0 && words[1] == 0 && words[2] == MAPPED_WORD
 }
 
 /// Whether `addr` of family `tag` (`family::V4` or `family::V6`) lies in a prefix of `trie`.
+/// The key is the tag's word, then the address (see `FILTER_KEY_LEN`), built from words.
 #[inline(always)]
 fn in_prefixes(trie: &LpmTrie<[u8; FILTER_KEY_LEN], u8>, tag: u32, addr: &[u8; 16]) -> bool {
-    let mut data = [0u8; FILTER_KEY_LEN];
-    data[0] = tag as u8;
-    data[1..17].copy_from_slice(addr);
-    trie.get(Key::new(8 + 128, data)).is_some()
+    // SAFETY: 16 plain bytes read as four words.
+    let a = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(*addr) };
+    let tag_word = u32::from_ne_bytes([tag as u8, 0, 0, 0]);
+    // SAFETY: 20 plain bytes either way.
+    let data = unsafe {
+        core::mem::transmute::<[u32; 5], [u8; FILTER_KEY_LEN]>([tag_word, a[0], a[1], a[2], a[3]])
+    };
+    trie.get(Key::new(32 + 128, data)).is_some()
 }
 
 #[inline(always)]
@@ -179,8 +204,7 @@ fn try_record(sk: *const u8) -> Result<(), Skip> {
     if plain {
         return add_to_all(read_srtt(sk, &cfg)?);
     }
-    let mut key = HistKey::default();
-    select(sk, &cfg, &mut key)?;
+    let key = select(sk, &cfg)?;
     let value = read_srtt(sk, &cfg)?;
     if cfg.group_by == group::NONE {
         return add_to_all(value);
@@ -192,8 +216,8 @@ fn try_record(sk: *const u8) -> Result<(), Skip> {
 #[inline(always)]
 fn read_srtt(sk: *const u8, cfg: &ProbeConfig) -> Result<u64, Skip> {
     // srtt_us lies beyond `struct sock`, the type the verifier knows `sk` by, so a direct
-    // load is refused; bpf_skc_to_tcp_sock would allow one but needs Linux 5.9, and this
-    // probe-read costs the same here (measured) while keeping Linux 5.5 supported.
+    // load is refused; bpf_skc_to_tcp_sock would allow one but costs the same here
+    // (measured), so one probe-read it is.
     // SAFETY: probe-read copes with any address; a bad one is an error, not a fault.
     let srtt_us_x8: u32 =
         unsafe { bpf_probe_read_kernel(sk.wrapping_add(cfg.off_srtt_us as usize).cast::<u32>()) }
@@ -217,19 +241,25 @@ fn add_to_all(value: u64) -> Result<(), Skip> {
         ALL0.get_ptr_mut(0)
     }
     .ok_or(Skip::Unreadable)?;
-    // SAFETY: this CPU's own copy of a per-CPU value (see `add_sample`).
+    // SAFETY: this CPU's own copy of a per-CPU value. Programs run with migration disabled
+    // and the kernel does not re-enter a program on a CPU where it is already running, so
+    // nothing else writes this copy meanwhile.
     add_to(unsafe { &mut *slot }, value);
     Ok(())
 }
 
-/// Applies the filters to the socket and fills in its histogram key.
+const NO_ADDR: [u8; 16] = [0; 16];
+
+/// Applies the filters to the socket and returns its histogram key, built in one piece
+/// (no zeroing pass): fields the grouping does not use are zero.
 #[inline(always)]
-fn select(sk: *const u8, cfg: &ProbeConfig, key: &mut HistKey) -> Result<(), Skip> {
+fn select(sk: *const u8, cfg: &ProbeConfig) -> Result<HistKey, Skip> {
     let sk_family: u16 = read(sk, cfg.off_family);
     let grouped_by_addr = matches!(cfg.group_by, group::LADDR | group::RADDR | group::FLOW);
     let wants_addr = cfg.filters & (filter::LADDR | filter::RADDR) != 0
         || grouped_by_addr
         || (cfg.family != family::ANY && sk_family == AF_INET6);
+    let (mut key_family, mut key_laddr, mut key_raddr) = (0, NO_ADDR, NO_ADDR);
     if wants_addr {
         let (laddr, raddr) = match sk_family {
             AF_INET => (
@@ -243,15 +273,10 @@ fn select(sk: *const u8, cfg: &ProbeConfig, key: &mut HistKey) -> Result<(), Ski
             _ => return Err(Skip::Unreadable),
         };
         // An IPv6 socket talking to an IPv4 peer is IPv4 traffic to the user.
-        let shown_family = if is_v4_mapped(&raddr) {
-            AF_INET
+        let (shown_family, tag) = if is_v4_mapped(&raddr) {
+            (AF_INET, family::V4)
         } else {
-            AF_INET6
-        };
-        let tag = if shown_family == AF_INET {
-            family::V4
-        } else {
-            family::V6
+            (AF_INET6, family::V6)
         };
         if (cfg.family != family::ANY && cfg.family != tag)
             || (cfg.filters & filter::LADDR != 0 && !in_prefixes(&LADDRS, tag, &laddr))
@@ -260,12 +285,12 @@ fn select(sk: *const u8, cfg: &ProbeConfig, key: &mut HistKey) -> Result<(), Ski
             return Err(Skip::Filtered);
         }
         if grouped_by_addr {
-            key.family = shown_family;
+            key_family = shown_family;
             if cfg.group_by != group::RADDR {
-                key.laddr = laddr;
+                key_laddr = laddr;
             }
             if cfg.group_by != group::LADDR {
-                key.raddr = raddr;
+                key_raddr = raddr;
             }
         }
     } else if sk_family != AF_INET && sk_family != AF_INET6 {
@@ -274,6 +299,7 @@ fn select(sk: *const u8, cfg: &ProbeConfig, key: &mut HistKey) -> Result<(), Ski
         return Err(Skip::Filtered);
     }
 
+    let mut key_lport = 0;
     let by_lport = matches!(cfg.group_by, group::LPORT | group::FLOW);
     if cfg.filters & filter::LPORT != 0 || by_lport {
         let lport: u16 = read(sk, cfg.off_lport);
@@ -282,9 +308,10 @@ fn select(sk: *const u8, cfg: &ProbeConfig, key: &mut HistKey) -> Result<(), Ski
             return Err(Skip::Filtered);
         }
         if by_lport {
-            key.lport = lport;
+            key_lport = lport;
         }
     }
+    let mut key_rport = 0;
     let by_rport = matches!(cfg.group_by, group::RPORT | group::FLOW);
     if cfg.filters & filter::RPORT != 0 || by_rport {
         let rport = u16::from_be(read(sk, cfg.off_rport));
@@ -293,49 +320,64 @@ fn select(sk: *const u8, cfg: &ProbeConfig, key: &mut HistKey) -> Result<(), Ski
             return Err(Skip::Filtered);
         }
         if by_rport {
-            key.rport = rport;
+            key_rport = rport;
         }
     }
-    Ok(())
+    Ok(HistKey {
+        family: key_family,
+        lport: key_lport,
+        rport: key_rport,
+        reserved: 0,
+        laddr: key_laddr,
+        raddr: key_raddr,
+    })
 }
 
+/// Adds a sample to the histogram of `key` in the active grouped map, creating it if new.
+/// Each map has a call site of its own so the kernel inlines its lookups.
 #[inline(always)]
 fn add_sample(key: &HistKey, value: u64) -> Result<(), Skip> {
-    let hist = match ACTIVE.get(0) {
-        Some(1) => &HIST1,
-        _ => &HIST0,
+    let slot = if matches!(ACTIVE.get(0), Some(1)) {
+        histogram_of(&HIST1, key)?
+    } else {
+        histogram_of(&HIST0, key)?
     };
-    let slot = match hist.get_ptr_mut(key) {
-        Some(slot) => slot,
-        None => {
-            let zero = ZERO.get_ptr(0).ok_or(Skip::MapFull)?;
-            // SAFETY: `zero` points at a live map value of the right type. Passing it by
-            // reference keeps the 1.5 KiB value off the 512-byte BPF stack.
-            let zero: &HistValue = unsafe { &*zero };
-            // EEXIST (another CPU inserted the key first) is fine: the lookup finds it.
-            let failure = match hist.insert(key, zero, u64::from(BPF_NOEXIST)) {
-                Err(E2BIG) => Skip::MapFull,
-                _ => Skip::NoMemory,
-            };
-            hist.get_ptr_mut(key).ok_or(failure)?
-        }
-    };
-    // SAFETY: this CPU's own copy of a per-CPU value. Programs run with migration disabled
-    // and the kernel does not re-enter a program on a CPU where it is already running, so
-    // nothing else writes this copy meanwhile.
-    add_to(unsafe { &mut *slot }, value);
+    add_shared(slot, value);
     Ok(())
 }
 
 #[inline(always)]
-fn add_to(hist: &mut HistValue, value: u64) {
+fn histogram_of(hist: &HashMap<HistKey, HistValue>, key: &HistKey) -> Result<*mut HistValue, Skip> {
+    if let Some(slot) = hist.get_ptr_mut(key) {
+        return Ok(slot);
+    }
+    let new = NEW_HIST.get_ptr(0).ok_or(Skip::MapFull)?;
+    // SAFETY: `new` points at a live map value of the right type. Passing it by reference
+    // keeps the 808-byte value off the 512-byte BPF stack.
+    let new: &HistValue = unsafe { &*new };
+    // EEXIST (another CPU inserted the key first) is fine: the lookup finds it.
+    let failure = match hist.insert(key, new, u64::from(BPF_NOEXIST)) {
+        Err(E2BIG) => Skip::MapFull,
+        _ => Skip::NoMemory,
+    };
+    hist.get_ptr_mut(key).ok_or(failure)
+}
+
+/// The fine bucket of `value`, bounded where the verifier can see it.
+#[inline(always)]
+fn bucket_of(value: u64) -> usize {
     let bucket = fine_bucket(value);
     // The verifier cannot follow the bit maths that bound `bucket`, and the compiler, which
-    // can, would delete the range check. Reading it back through a volatile load hides the
-    // bound from the compiler, so the check stays for the verifier to see.
+    // can, would delete the range check at the use. Reading it back through a volatile
+    // load hides the bound from the compiler, so the check stays for the verifier to see.
     // SAFETY: a plain read of a local.
-    let bucket = unsafe { core::ptr::read_volatile(&bucket) };
-    if let Some(bucket) = hist.buckets.get_mut(bucket) {
+    unsafe { core::ptr::read_volatile(&bucket) }
+}
+
+/// Adds a sample to this CPU's own copy of a per-CPU histogram: plain adds.
+#[inline(always)]
+fn add_to(hist: &mut HistValue, value: u64) {
+    if let Some(bucket) = hist.buckets.get_mut(bucket_of(value)) {
         *bucket += 1;
     }
     if hist.count == 0 || value < hist.min {
@@ -346,6 +388,55 @@ fn add_to(hist: &mut HistValue, value: u64) {
     }
     hist.count += 1;
     hist.sum += value;
+}
+
+/// Retries of a min/max compare-and-swap that another CPU keeps beating; each retry means
+/// another CPU stored a new extreme in between, so running out of them needs that many
+/// new extremes at once.
+const CAS_TRIES: usize = 8;
+
+/// Lowers (`lower`) or raises the value at `p` to `value` with compare-and-swap.
+#[inline(always)]
+fn cas_extreme(p: *mut u64, value: u64, lower: bool) {
+    // SAFETY: `p` points into a live map value; the kernel performs the atomic operations.
+    let mut current = unsafe { core::ptr::read_volatile(p) };
+    for _ in 0..CAS_TRIES {
+        let improves = if lower {
+            value < current
+        } else {
+            value > current
+        };
+        if !improves {
+            return;
+        }
+        // SAFETY: as above.
+        let (seen, swapped) = unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
+                p, current, value,
+            )
+        };
+        if swapped {
+            return;
+        }
+        current = seen;
+    }
+    bump(stat::EXTREME_CONTENDED);
+}
+
+/// Adds a sample to a histogram shared by all CPUs: atomic adds for the counts, and
+/// compare-and-swap for min and max, only when the sample is a new extreme.
+#[inline(always)]
+fn add_shared(hist: *mut HistValue, value: u64) {
+    // SAFETY: `hist` points at a live map value; every write to it is atomic.
+    unsafe {
+        if let Some(bucket) = (*hist).buckets.get_mut(bucket_of(value)) {
+            atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(bucket, 1);
+        }
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*hist).count, 1);
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*hist).sum, value);
+        cas_extreme(&raw mut (*hist).min, value, true);
+        cas_extreme(&raw mut (*hist).max, value, false);
+    }
 }
 
 #[cfg(not(test))]

@@ -9,6 +9,7 @@ use tcprtt_common::family;
 use crate::{
     output::prometheus::PrometheusOptions,
     report::{ALL_TRAFFIC, BY_FLOW, BY_LADDR, BY_LPORT, BY_RADDR, BY_RPORT, Grouping, Unit},
+    source::wire::{self, Iface},
 };
 
 const EXAMPLES: &str = "\
@@ -25,17 +26,25 @@ Examples:
   sudo tcprtt -e                    # add count, min, max and percentiles
   sudo tcprtt --by-flow --top 10    # the 10 connections with the highest average RTT
   sudo tcprtt --json -i 10          # one JSON object per line every 10 s, for scripts
-  sudo tcprtt -B --prometheus 127.0.0.1:9464   # serve /metrics for Prometheus";
+  sudo tcprtt -B --prometheus 127.0.0.1:9464   # serve /metrics for Prometheus
+  sudo tcprtt --passive eth0 -B     # RTTs on the wire at eth0 (TCP timestamps), also forwarded flows
+  sudo tcprtt --passive eth1 --by-flow -m   # on a router: both sides of each flow and their sum";
 
-/// Where to hook `tcp_rcv_established`.
+/// Where to attach: a hook of `tcp_rcv_established` for the srtt source, or how the
+/// wire source (`--passive`) attaches to interfaces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Attach {
-    /// fentry if the kernel allows it, else tp_btf.
+    /// fentry if the kernel allows it, else tp_btf; with --passive, TCX links if the
+    /// kernel has them, else clsact.
     Auto,
     /// fentry/tcp_rcv_established only.
     Fentry,
     /// tp_btf/tcp_probe only.
     TpBtf,
+    /// With --passive: TCX links only (Linux 6.6+).
+    Tcx,
+    /// With --passive: a clsact qdisc and TC filters, even where TCX exists.
+    Clsact,
 }
 
 /// Summarize TCP round-trip times as histograms, measured in the kernel with eBPF.
@@ -113,6 +122,13 @@ pub struct Cli {
     /// Hook to attach to
     #[arg(long, value_enum, default_value_t = Attach::Auto)]
     pub attach: Attach,
+    /// Time the round trips that TCP timestamps show on this interface, for every flow
+    /// crossing it (local or forwarded), instead of local sockets' srtt (repeatable)
+    #[arg(long, value_name = "IFACE")]
+    pub passive: Vec<String>,
+    /// With --passive: round trips longer than SECS are not timed, only counted [default: 10]
+    #[arg(long = "max-rtt", value_name = "SECS", value_parser = parse_secs, allow_negative_numbers = true)]
+    pub max_rtt: Option<Duration>,
     /// Kernel BTF to resolve struct offsets from [default: /sys/kernel/btf/vmlinux]
     #[arg(long, value_name = "FILE")]
     pub btf: Option<PathBuf>,
@@ -172,8 +188,8 @@ fn parse_top(s: &str) -> Result<usize, String> {
     }
 }
 
-/// Most keys a grouping may keep. A key's value is 808 bytes per CPU in each of two maps,
-/// so a million keys on 16 CPUs can reach 24 GiB of kernel memory.
+/// Most keys a grouping may keep. The two grouped maps are preallocated at about 900 bytes
+/// a key each, so a million keys take 1.7 GiB of kernel memory from the start.
 pub const MAX_KEYS: u32 = 1_000_000;
 
 fn parse_max_keys(s: &str) -> Result<u32, String> {
@@ -208,6 +224,50 @@ pub struct Options {
     pub attach: Attach,
     pub btf: Option<PathBuf>,
     pub max_keys: u32,
+    /// Interfaces of the wire source; empty for the srtt source.
+    pub passive: Vec<Iface>,
+    /// Longest round trip the wire source times.
+    pub max_rtt: Duration,
+}
+
+/// Default of `--max-rtt`.
+pub const DEFAULT_MAX_RTT: Duration = Duration::from_secs(10);
+
+/// Checks the wire source's flags and its interfaces.
+fn validate_passive(cli: &Cli) -> Result<Vec<Iface>, String> {
+    if cli.passive.is_empty() {
+        return match (cli.attach, cli.max_rtt) {
+            (Attach::Tcx | Attach::Clsact, _) => Err(format!(
+                "--attach {} is for the wire source: add --passive IFACE",
+                attach_name(cli.attach)
+            )),
+            (_, Some(_)) => Err("--max-rtt is for the wire source: add --passive IFACE".into()),
+            _ => Ok(Vec::new()),
+        };
+    }
+    if matches!(cli.attach, Attach::Fentry | Attach::TpBtf) {
+        return Err(format!(
+            "--attach {} is a hook of the srtt source: with --passive use auto, tcx or clsact",
+            attach_name(cli.attach)
+        ));
+    }
+    if cli.btf.is_some() {
+        return Err("--btf is for the srtt source: the wire source reads no kernel struct".into());
+    }
+    let mut ifaces: Vec<Iface> = Vec::new();
+    for name in &cli.passive {
+        if ifaces.iter().any(|i| &i.name == name) {
+            return Err(format!("--passive {name} is given twice"));
+        }
+        ifaces.push(wire::check_interface(name)?);
+    }
+    Ok(ifaces)
+}
+
+fn attach_name(attach: Attach) -> String {
+    attach
+        .to_possible_value()
+        .map_or_else(String::new, |v| v.get_name().to_string())
 }
 
 /// Whether a prefix matches IPv4 sockets: an IPv4 prefix, or an IPv6 one that lies inside
@@ -233,6 +293,7 @@ impl Options {
 
 /// Checks combinations of arguments; the error is one line naming the bad value and the fix.
 pub fn validate(cli: Cli) -> Result<Options, String> {
+    let passive = validate_passive(&cli)?;
     let groupings: Vec<(&str, Grouping)> = [
         (cli.by_laddr, "--by-laddr", BY_LADDR),
         (cli.by_raddr, "--by-raddr", BY_RADDR),
@@ -310,6 +371,8 @@ pub fn validate(cli: Cli) -> Result<Options, String> {
         attach: cli.attach,
         btf: cli.btf,
         max_keys: cli.max_keys,
+        passive,
+        max_rtt: cli.max_rtt.unwrap_or(DEFAULT_MAX_RTT),
     })
 }
 
@@ -404,6 +467,39 @@ mod tests {
             let err = parse(args).unwrap_err();
             assert!(err.contains(needle), "{args:?}: {err}");
         }
+    }
+
+    #[test]
+    fn wire_flags_go_with_passive_and_bad_interfaces_are_usage_errors() {
+        for (args, needle) in [
+            (
+                &["--attach", "tcx"][..],
+                "--attach tcx is for the wire source",
+            ),
+            (&["--max-rtt", "5"], "--max-rtt is for the wire source"),
+            (
+                &["--passive", "lo", "--attach", "fentry"],
+                "--attach fentry is a hook of the srtt source",
+            ),
+            (
+                &["--passive", "lo", "--btf", "/x"],
+                "--btf is for the srtt source",
+            ),
+            (&["--passive", "lo"], "--passive lo: a loopback device"),
+            (
+                &["--passive", "tcprtt-no-such"],
+                "--passive tcprtt-no-such: no such interface",
+            ),
+            (
+                &["--passive", "a-name-of-16-byt"],
+                "interface names are at most 15 bytes",
+            ),
+            (&["--passive", "lo", "--passive", "lo"], "--passive lo"),
+        ] {
+            let err = parse(args).unwrap_err();
+            assert!(err.contains(needle), "{args:?}: {err}");
+        }
+        assert_eq!(parse(&[]).unwrap().max_rtt, DEFAULT_MAX_RTT);
     }
 
     #[test]

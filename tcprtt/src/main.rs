@@ -26,7 +26,7 @@ use crate::{
     output::{Format, Written, prometheus::Exposition},
     report::{ALL_TRAFFIC, Meta, Pending, Report},
     signals::Signals,
-    source::{Source, srtt::Srtt},
+    source::{Source, srtt::Srtt, wire::Wire},
 };
 
 /// Writes one line to stderr. A closed or full stderr is no reason to fail, let alone
@@ -118,22 +118,21 @@ fn enable_run_time_stats() -> Result<Option<std::os::fd::OwnedFd>> {
     }
 }
 
-/// Kernel memory the grouped histogram maps can grow to, when it is worth a word.
+/// Kernel memory the grouped histogram maps take, when it is worth a word.
 fn large_map_memory(opts: &Options) -> Option<String> {
     const WORTH_SAYING: u64 = 256 << 20;
     if opts.grouping == ALL_TRAFFIC {
         return None;
     }
-    let cpus = aya::util::nr_cpus().ok()? as u64;
-    // Two maps; per key its hash-table element, the key, and a value per possible CPU.
-    let per_key = 64
+    // Two preallocated maps; per key its hash-table element header (about 48 bytes), the
+    // key and the value, each rounded to 8 bytes.
+    let per_key = 48
         + size_of::<tcprtt_common::HistKey>() as u64
-        + cpus * size_of::<tcprtt_common::HistValue>() as u64;
+        + size_of::<tcprtt_common::HistValue>() as u64;
     let bytes = 2 * u64::from(opts.max_keys) * per_key;
     (bytes >= WORTH_SAYING).then(|| {
         format!(
-            "tcprtt: the histogram maps can take up to {} MiB of kernel memory \
-             (--max-keys {} on {cpus} CPUs)",
+            "tcprtt: the histogram maps take {} MiB of kernel memory (--max-keys {})",
             bytes >> 20,
             opts.max_keys
         )
@@ -155,7 +154,11 @@ async fn trace(opts: Options, mut signals: Signals) -> Result<()> {
         Some(prom) => Some(output::prometheus::bind(prom.addr).await?),
         None => None,
     };
-    let source: Box<dyn Source> = Box::new(Srtt::load(&opts, OBJECT)?);
+    let source: Box<dyn Source> = if opts.passive.is_empty() {
+        Box::new(Srtt::load(&opts, OBJECT)?)
+    } else {
+        Box::new(Wire::load(&opts, OBJECT)?)
+    };
     // From the moment the program is attached, a signal asks for the report.
     signals.tracing();
     say(source.banner());
@@ -212,6 +215,9 @@ async fn trace(opts: Options, mut signals: Signals) -> Result<()> {
     };
     if finished {
         run.report()?;
+    }
+    if let Some(line) = run.source.farewell()? {
+        say(line);
     }
     if opts.verbose {
         say(run.source.self_report(stats.is_some())?);

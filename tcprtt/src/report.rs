@@ -17,6 +17,18 @@ use crate::histogram::Histogram;
 pub enum Source {
     /// The kernel's smoothed RTT of local sockets (`tcp_sock.srtt_us`).
     Srtt,
+    /// Round trips timed from TCP timestamps on an interface (`--passive`).
+    Wire,
+}
+
+impl Source {
+    /// The name outputs show.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Srtt => "srtt",
+            Self::Wire => "wire",
+        }
+    }
 }
 
 /// What histograms are keyed by: one entry per grouping. Adding a grouping means a constant
@@ -226,7 +238,54 @@ pub struct Report {
     pub rows: Vec<Row>,
 }
 
+/// Both sides of one connection measured on the wire (`--passive --by-flow`): `a` holds
+/// the round trips of the TSvals its local side sent (from the interface to its remote
+/// side and back), `b` those of the other side. Together they make the end-to-end round
+/// trip of a forwarded flow (a router sees each end on one side of it).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FlowSides<'a> {
+    pub a: &'a Row,
+    pub b: &'a Row,
+}
+
+impl FlowSides<'_> {
+    /// The end-to-end average: the two sides' averages added.
+    pub fn average(&self) -> f64 {
+        self.a.hist.average() + self.b.hist.average()
+    }
+
+    /// The two sides' `q` percentiles added.
+    pub fn percentile(&self, q: f64) -> u64 {
+        self.a.hist.percentile(q) + self.b.hist.percentile(q)
+    }
+}
+
 impl Report {
+    /// The wire flows of a `--by-flow` report whose both sides have rows, in row order of
+    /// their first side.
+    pub fn flow_sides(&self) -> Vec<FlowSides<'_>> {
+        if self.meta.grouping != BY_FLOW {
+            return Vec::new();
+        }
+        let wire = |r: &&Row| r.source == Source::Wire;
+        self.rows
+            .iter()
+            .filter(wire)
+            .filter_map(|a| {
+                let k = &a.key;
+                // Each pair once: from the side that sorts first.
+                if (k.laddr, k.lport) > (k.raddr, k.rport) {
+                    return None;
+                }
+                let b = self.rows.iter().filter(wire).find(|b| {
+                    (b.key.laddr, b.key.lport, b.key.raddr, b.key.rport)
+                        == (k.raddr, k.rport, k.laddr, k.lport)
+                })?;
+                Some(FlowSides { a, b })
+            })
+            .collect()
+    }
+
     /// Lists rows by key, or with `top`, keeps the `top` highest averages, highest first.
     pub fn order(&mut self, top: Option<usize>) {
         self.rows.retain(|r| r.hist.count > 0);
@@ -341,6 +400,41 @@ mod tests {
         let k = Key::decode(BY_FLOW, &raw);
         assert_eq!(k.laddr, Some("127.0.0.1".parse().unwrap()));
         assert_eq!((k.lport, k.rport), (Some(80), Some(4000)));
+    }
+
+    #[test]
+    fn wire_flows_pair_their_two_sides_once() {
+        let side = |l: [u8; 4], lport, r: [u8; 4], rport, samples: &[u64]| {
+            let raw = HistKey {
+                family: AF_INET,
+                lport,
+                rport,
+                laddr: mapped(l),
+                raddr: mapped(r),
+                reserved: 0,
+            };
+            Row {
+                source: Source::Wire,
+                ..row(BY_FLOW, raw, samples)
+            }
+        };
+        let (a, b, c) = ([198, 51, 100, 1], [203, 0, 113, 1], [203, 0, 113, 2]);
+        let mut report = Report {
+            meta: meta(BY_FLOW),
+            rows: vec![
+                side(b, 80, a, 4000, &[20_000, 20_000]),
+                side(a, 4000, b, 80, &[60_000]),
+                side(a, 4001, c, 80, &[5]),
+            ],
+        };
+        report.order(None);
+        let pairs = report.flow_sides();
+        assert_eq!(pairs.len(), 1, "{pairs:?}");
+        assert_eq!(pairs[0].a.key.lport, Some(4000));
+        assert_eq!(pairs[0].b.key.lport, Some(80));
+        assert_eq!(pairs[0].average(), 80_000.0);
+        report.rows[0].source = Source::Srtt;
+        assert!(report.flow_sides().is_empty());
     }
 
     #[test]

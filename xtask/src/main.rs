@@ -9,6 +9,8 @@ mod build;
 mod run;
 mod setup;
 mod test;
+mod vm_guest;
+mod vm_test;
 
 use std::{
     env,
@@ -38,10 +40,15 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Set up, then fmt, clippy, unit tests and end-to-end tests (as root)
+    /// Set up, then fmt, clippy, unit tests, end-to-end tests and vm-test (as root)
     Test,
     /// Set up, build, and measure what tcprtt costs the host into BENCHMARKS.md (as root)
     Bench,
+    /// Set up, build, and run the kernel checks in QEMU on Debian's 6.1 and 6.12 (as root)
+    VmTest,
+    /// Inside a test kernel: run the checks against this tcprtt binary
+    #[command(hide = true)]
+    VmGuest { tcprtt: PathBuf },
 }
 
 fn main() {
@@ -52,6 +59,11 @@ fn main() {
 }
 
 fn dispatch(args: Args) -> Result<()> {
+    if let Task::VmGuest { tcprtt } = &args.task {
+        // In the guest there is no project tree, only this binary.
+        vm_guest::run(tcprtt);
+        return Ok(());
+    }
     let project = Project::new()?;
     match args.task {
         Task::Setup => project.setup(),
@@ -62,6 +74,8 @@ fn dispatch(args: Args) -> Result<()> {
         Task::Run { args } => run::run(&project, &args),
         Task::Test => test::run(&project),
         Task::Bench => bench::run(&project),
+        Task::VmTest => vm_test::run(&project),
+        Task::VmGuest { .. } => unreachable!("handled above"),
     }
 }
 
@@ -89,6 +103,18 @@ fn on_path(command: &str) -> bool {
                 .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         })
     })
+}
+
+/// tcprtt's programs loaded now (by any process), named with their ids.
+fn tcprtt_programs() -> Vec<String> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter_map(|p| {
+            let name = p.name_as_str()?;
+            name.starts_with("tcprtt_")
+                .then(|| format!("{name} (id {})", p.id()))
+        })
+        .collect()
 }
 
 struct Project {

@@ -8,13 +8,17 @@ use crate::{Project, is_root, on_path, output};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests and the benchmark call, each with a command it provides:
-/// `ip`/`ss` (iproute2), `bpftool`, `setpriv`, and for the benchmark's peers `clang`,
-/// `bpftrace`, and libbpf and libelf for the C peer to link with (libraries, no command of
-/// their own: they are checked through `clang`, which compiles against them).
+/// `ip`/`ss` (iproute2), `bpftool`, `setpriv`; QEMU, a static busybox and cpio for
+/// `vm-test`'s guests; for the benchmark's peers `clang`, `bpftrace`, and libbpf and libelf
+/// for the C peer to link with (libraries, no command of their own: they are checked
+/// through `clang`, which compiles against them).
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
     ("bpftool", "bpftool"),
     ("util-linux", "setpriv"),
+    ("qemu-system-x86", "qemu-system-x86_64"),
+    ("busybox-static", "busybox"),
+    ("cpio", "cpio"),
     ("clang", "clang"),
     ("libbpf-dev", "clang"),
     ("libelf-dev", "clang"),

@@ -7,7 +7,7 @@ use serde_json::value::RawValue;
 
 use crate::{
     histogram::Histogram,
-    report::{Key, Report, Row, Unit},
+    report::{FlowSides, Key, Report, Row, Unit},
 };
 
 /// A number printed with a fixed count of decimals, as the documented schema shows them.
@@ -32,6 +32,45 @@ struct JsonReport {
     dropped_no_memory: u64,
     missed: u64,
     histograms: Vec<JsonRow>,
+    /// Wire flows with both sides measured (`--passive --by-flow`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    flows: Vec<JsonFlow>,
+}
+
+/// Both sides of a wire flow and the end-to-end round trip they add up to.
+#[derive(Serialize)]
+struct JsonFlow {
+    /// The side whose TSvals `a_avg`/`a_p50` time, and the other side.
+    a: JsonKey,
+    b: JsonKey,
+    avg: Box<RawValue>,
+    p50: u64,
+    a_avg: Box<RawValue>,
+    b_avg: Box<RawValue>,
+    a_p50: u64,
+    b_p50: u64,
+}
+
+impl From<&FlowSides<'_>> for JsonFlow {
+    fn from(f: &FlowSides<'_>) -> Self {
+        let side = |k: &Key| JsonKey {
+            family: k.family.map(|f| f.name()),
+            addr: k.laddr,
+            port: k.lport,
+            laddr: None,
+            lport: None,
+        };
+        Self {
+            a: side(&f.a.key),
+            b: side(&f.b.key),
+            avg: fixed(f.average(), 6),
+            p50: f.percentile(0.50),
+            a_avg: fixed(f.a.hist.average(), 6),
+            b_avg: fixed(f.b.hist.average(), 6),
+            a_p50: f.a.hist.percentile(0.50),
+            b_p50: f.b.hist.percentile(0.50),
+        }
+    }
 }
 
 /// The key: the remote side as `addr`/`port`, the local side as `laddr`/`lport`, or as
@@ -70,6 +109,8 @@ impl From<&Key> for JsonKey {
 
 #[derive(Serialize)]
 struct JsonRow {
+    /// `srtt` or `wire`.
+    source: &'static str,
     key: JsonKey,
     count: u64,
     sum: u64,
@@ -104,6 +145,7 @@ impl From<&Row> for JsonRow {
     fn from(row: &Row) -> Self {
         let h = &row.hist;
         Self {
+            source: row.source.name(),
             key: JsonKey::from(&row.key),
             count: h.count,
             sum: h.sum,
@@ -134,6 +176,7 @@ pub fn render(report: &Report) -> String {
         dropped_no_memory: meta.losses.no_memory,
         missed: meta.losses.missed,
         histograms: report.rows.iter().map(JsonRow::from).collect(),
+        flows: report.flow_sides().iter().map(JsonFlow::from).collect(),
     };
     serde_json::to_string(&json).expect("the report serializes") + "\n"
 }

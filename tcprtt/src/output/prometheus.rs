@@ -135,6 +135,7 @@ fn labels(key: &Key) -> Vec<(&'static str, String)> {
 fn metric_name(source: Source) -> &'static str {
     match source {
         Source::Srtt => "tcprtt_srtt_seconds",
+        Source::Wire => "tcprtt_wire_rtt_seconds",
     }
 }
 

@@ -7,7 +7,7 @@ use std::{
 
 use crate::{
     histogram::Histogram,
-    report::{Key, Report, Unit},
+    report::{Key, Report, Row, Source, Unit},
 };
 
 const BAR_WIDTH: u64 = 40;
@@ -28,17 +28,29 @@ fn unit(unit: Unit) -> &'static str {
     }
 }
 
-/// A histogram's header, e.g. `Remote Address = 10.0.0.1`.
-fn label(key: &Key) -> String {
-    let sock = |ip: Option<IpAddr>, port: Option<u16>| match (ip, port) {
+fn endpoint(ip: Option<IpAddr>, port: Option<u16>) -> String {
+    match (ip, port) {
         (Some(ip), port) => SocketAddr::new(ip, port.unwrap_or(0)).to_string(),
         (None, _) => "?".to_string(),
-    };
+    }
+}
+
+/// A row's header: its label, and for wire rows the source, e.g.
+/// `Remote Address = 10.0.0.1 (wire)` (srtt rows keep bcc's labels).
+fn header(row: &Row) -> String {
+    match row.source {
+        Source::Srtt => label(&row.key),
+        Source::Wire => format!("{} ({})", label(&row.key), row.source.name()),
+    }
+}
+
+/// A histogram's label, e.g. `Remote Address = 10.0.0.1`.
+fn label(key: &Key) -> String {
     if key.laddr.is_some() && key.raddr.is_some() {
         return format!(
             "Connection = {} -> {}",
-            sock(key.laddr, key.lport),
-            sock(key.raddr, key.rport)
+            endpoint(key.laddr, key.lport),
+            endpoint(key.raddr, key.rport)
         );
     }
     let parts: Vec<String> = [
@@ -102,7 +114,7 @@ pub fn render(report: &Report, opts: &TextOptions) -> String {
         if i > 0 {
             out.push('\n');
         }
-        let _ = writeln!(out, "{} [AVG {:.6}]", label(&row.key), row.hist.average());
+        let _ = writeln!(out, "{} [AVG {:.6}]", header(row), row.hist.average());
         out.push_str(&log2_table(&row.hist, unit));
         if opts.extension {
             out.push_str(&extension_line(&row.hist, unit));
@@ -110,6 +122,25 @@ pub fn render(report: &Report, opts: &TextOptions) -> String {
     }
     if report.rows.is_empty() {
         out.push_str("No TCP RTT samples matched.\n");
+    }
+    let flows = report.flow_sides();
+    if !flows.is_empty() {
+        out.push('\n');
+    }
+    for flow in flows {
+        let (a, b) = (&flow.a.hist, &flow.b.hist);
+        let _ = writeln!(
+            out,
+            "Flow {} <-> {} (wire) end-to-end AVG {:.6} = {:.6} + {:.6}, p50 ~{} = ~{} + ~{} ({unit})",
+            endpoint(flow.a.key.laddr, flow.a.key.lport),
+            endpoint(flow.a.key.raddr, flow.a.key.rport),
+            flow.average(),
+            a.average(),
+            b.average(),
+            flow.percentile(0.50),
+            a.percentile(0.50),
+            b.percentile(0.50),
+        );
     }
     let losses = &meta.losses;
     if losses.dropped > 0 {
@@ -192,6 +223,48 @@ mod tests {
         assert_eq!(
             render(&report, &TextOptions::default()),
             golden("empty_with_losses.txt")
+        );
+    }
+
+    #[test]
+    fn wire_rows_say_so_and_flows_show_both_sides_and_their_sum() {
+        let raw = |l: [u8; 4], lport, r: [u8; 4], rport| HistKey {
+            family: tcprtt_common::AF_INET,
+            lport,
+            rport,
+            laddr: mapped(l),
+            raddr: mapped(r),
+            reserved: 0,
+        };
+        let (a, b) = ([198, 51, 100, 1], [203, 0, 113, 1]);
+        let mut report = Report {
+            meta: meta(BY_FLOW),
+            rows: vec![
+                Row {
+                    source: Source::Wire,
+                    ..row(BY_FLOW, raw(a, 4000, b, 80), &[60_000, 60_000])
+                },
+                Row {
+                    source: Source::Wire,
+                    ..row(BY_FLOW, raw(b, 80, a, 4000), &[20_000])
+                },
+            ],
+        };
+        report.meta.unit = Unit::Millis;
+        report.order(None);
+        let text = render(&report, &TextOptions::default());
+        assert!(
+            text.starts_with(
+                "Connection = 198.51.100.1:4000 -> 203.0.113.1:80 (wire) [AVG 60000.000000]\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.ends_with(
+                "\nFlow 198.51.100.1:4000 <-> 203.0.113.1:80 (wire) end-to-end AVG 80000.000000 \
+                 = 60000.000000 + 20000.000000, p50 ~80000 = ~60000 + ~20000 (ms)\n"
+            ),
+            "{text}"
         );
     }
 

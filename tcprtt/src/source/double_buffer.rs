@@ -1,7 +1,8 @@
 //! Reading the kernel's histograms, one interval at a time, without losing a sample.
 //!
-//! The program writes into one of two sets of maps (`ACTIVE` says which): a per-CPU hash
-//! map for grouped histograms and a per-CPU array for the all-traffic one. To drain, userspace
+//! The program writes into one of two sets of maps (`ACTIVE` says which): a hash map of
+//! histograms shared by all CPUs for grouped histograms and a per-CPU array for the
+//! all-traffic one. To drain, userspace
 //! points `ACTIVE` at the other set, waits until every program run that may have read the
 //! old index has finished, then reads and empties the old set, which by then nothing
 //! writes. Every sample lands in exactly one interval.
@@ -9,7 +10,7 @@
 use anyhow::{Context, Result};
 use aya::{
     Ebpf,
-    maps::{Array, ArrayOfMaps, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    maps::{Array, ArrayOfMaps, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
 };
 use tcprtt_common::{HistKey, HistValue};
 
@@ -45,7 +46,7 @@ impl GracePeriod {
 
 /// Two sets of histogram maps the program writes alternately.
 pub struct DoubleBuffer {
-    hists: [PerCpuHashMap<MapData, HistKey, HistValue>; 2],
+    hists: [HashMap<MapData, HistKey, HistValue>; 2],
     alls: [PerCpuArray<MapData, HistValue>; 2],
     active: Array<MapData, u32>,
     active_index: u32,
@@ -53,9 +54,18 @@ pub struct DoubleBuffer {
 }
 
 impl DoubleBuffer {
-    /// Takes the maps named `{prefix}HIST0/1`, `{prefix}ALL0/1` and `{prefix}ACTIVE`.
+    /// Takes the maps named `{prefix}HIST0/1`, `{prefix}ALL0/1` and `{prefix}ACTIVE`, and
+    /// writes the value new keys start from into `{prefix}NEW_HIST`.
     pub fn new(ebpf: &mut Ebpf, prefix: &str) -> Result<Self> {
         let take = |name: &str| format!("{prefix}{name}");
+        let mut new_hist: Array<MapData, HistValue> = take_map(ebpf, &take("NEW_HIST"))?;
+        let empty = HistValue {
+            min: u64::MAX,
+            ..HistValue::ZERO
+        };
+        new_hist
+            .set(0, empty, 0)
+            .context("writing the value new histograms start from")?;
         Ok(Self {
             hists: [
                 take_map(ebpf, &take("HIST0"))?,
@@ -89,8 +99,8 @@ impl DoubleBuffer {
             .context("listing histogram keys")?;
         let mut taken = Vec::with_capacity(keys.len() + 1);
         for key in keys {
-            let shares = map.get(&key, 0).context("reading a histogram")?;
-            taken.push((key, Histogram::merge(shares.iter())));
+            let value = map.get(&key, 0).context("reading a histogram")?;
+            taken.push((key, Histogram::merge([&value])));
             map.remove(&key).context("emptying the histogram map")?;
         }
 

@@ -3,6 +3,7 @@
 
 pub mod double_buffer;
 pub mod srtt;
+pub mod wire;
 
 use anyhow::{Context, Result, anyhow};
 use aya::{
@@ -35,6 +36,11 @@ pub trait Source {
     /// The `-v` summary: what the programs saw and, with run-time statistics on, what they
     /// cost.
     fn self_report(&self, stats_on: bool) -> Result<String>;
+    /// A line for stderr at the end of the run, when the source has something to say
+    /// without -v (why nothing could be measured, samples it had to give up).
+    fn farewell(&self) -> Result<Option<String>> {
+        Ok(None)
+    }
 }
 
 /// A map of the loaded object, as the aya type `T`.
@@ -62,8 +68,8 @@ pub fn filter_key(net: &IpNet) -> Key<[u8; FILTER_KEY_LEN]> {
     };
     let mut data = [0; FILTER_KEY_LEN];
     data[0] = tag as u8;
-    data[1..17].copy_from_slice(&addr.octets());
-    Key::new(8 + bits, data)
+    data[4..].copy_from_slice(&addr.octets());
+    Key::new(32 + bits, data)
 }
 
 /// Stores address prefixes in the LPM-trie filter map `name`.
@@ -99,18 +105,18 @@ mod tests {
     #[test]
     fn prefixes_are_tagged_with_their_family() {
         let k = filter_key(&"127.0.0.0/8".parse().unwrap());
-        assert_eq!(k.prefix_len(), 8 + 104);
-        assert_eq!(k.data()[..1], [4]);
-        assert_eq!(k.data()[11..14], [0xff, 0xff, 127]);
+        assert_eq!(k.prefix_len(), 32 + 104);
+        assert_eq!(k.data()[..4], [4, 0, 0, 0]);
+        assert_eq!(k.data()[14..17], [0xff, 0xff, 127]);
         let k = filter_key(&"::ffff:127.0.0.0/104".parse().unwrap());
         assert_eq!(
             (k.prefix_len(), k.data()),
-            (8 + 104, filter_key(&"127.0.0.0/8".parse().unwrap()).data())
+            (32 + 104, filter_key(&"127.0.0.0/8".parse().unwrap()).data())
         );
         let k = filter_key(&"2001:db8::/32".parse().unwrap());
-        assert_eq!(k.prefix_len(), 8 + 32);
-        assert_eq!(k.data()[..5], [6, 0x20, 0x01, 0x0d, 0xb8]);
+        assert_eq!(k.prefix_len(), 32 + 32);
+        assert_eq!(k.data()[..8], [6, 0, 0, 0, 0x20, 0x01, 0x0d, 0xb8]);
         let k = filter_key(&"::/0".parse().unwrap());
-        assert_eq!((k.prefix_len(), k.data()[0]), (8, 6));
+        assert_eq!((k.prefix_len(), k.data()[0]), (32, 6));
     }
 }

@@ -182,6 +182,8 @@ struct Counters {
     /// Segments whose srtt could not be read, or of an unknown family.
     unreadable: u64,
     missed: u64,
+    /// Samples whose histogram's min or max lost a race (see `stat::EXTREME_CONTENDED`).
+    extreme_contended: u64,
 }
 
 pub struct Srtt {
@@ -279,6 +281,7 @@ impl Srtt {
             no_memory: sum(stat::NO_MEMORY)?,
             unreadable: sum(stat::UNREADABLE)?,
             missed,
+            extreme_contended: sum(stat::EXTREME_CONTENDED)?,
         })
     }
 
@@ -378,10 +381,16 @@ impl Source for Srtt {
 
     fn self_report(&self, stats_on: bool) -> Result<String> {
         let c = self.totals;
-        let counts = format!(
+        let mut counts = format!(
             "matched {}, dropped {}, dropped for lack of memory {}, unreadable {}, missed {}",
             c.matched, c.dropped, c.no_memory, c.unreadable, c.missed
         );
+        if c.extreme_contended > 0 {
+            counts += &format!(
+                ", min/max not stored under contention {}",
+                c.extreme_contended
+            );
+        }
         // Without run-time statistics the kernel counts no runs: say nothing rather than 0.
         if !stats_on {
             return Ok(format!("tcprtt: attach point {}; {counts}", self.hook.name));

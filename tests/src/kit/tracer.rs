@@ -3,7 +3,7 @@
 
 use std::{
     io::{BufRead, BufReader, Read},
-    os::unix::process::CommandExt,
+    os::{fd::AsRawFd, unix::process::CommandExt},
     path::PathBuf,
     process::{Child, ChildStdout, Command, ExitStatus, Stdio},
     sync::mpsc::{self, RecvTimeoutError},
@@ -192,8 +192,8 @@ impl Tracer {
         Self::spawn(command, true)
     }
 
-    /// Starts tcprtt with `args` with nobody reading its stdout: once the pipe is full,
-    /// its writes block.
+    /// Starts tcprtt with `args` with nobody reading its stdout, a pipe of one page:
+    /// once that is full, its writes block.
     pub fn start_unread(args: &[&str]) -> Self {
         let mut command = Command::new(bin());
         command.args(args);
@@ -227,6 +227,11 @@ impl Tracer {
                 s
             }))
         } else {
+            // The smallest pipe (one page): a single long report fills it, however
+            // slowly a busy machine lets tcprtt produce them.
+            // SAFETY: F_SETPIPE_SZ takes an int and changes only this pipe.
+            let rc = unsafe { libc::fcntl(out.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) };
+            assert!(rc > 0, "F_SETPIPE_SZ: {}", std::io::Error::last_os_error());
             Stdout::Unread(out)
         };
         let (tx, rx) = mpsc::channel();

@@ -21,6 +21,7 @@
 mod delay;
 mod netns;
 mod observe;
+pub mod router;
 
 use std::{
     net::{IpAddr, SocketAddr},

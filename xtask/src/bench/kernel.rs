@@ -2,10 +2,13 @@
 //! for bpftrace, and what bpftool says of a program and its maps.
 
 use std::{
+    collections::BTreeSet,
     fs,
     os::fd::OwnedFd,
     path::{Path, PathBuf},
     process::Command,
+    thread,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, ensure};
@@ -60,6 +63,30 @@ pub fn attach_empty(object: &Path) -> Result<(Ebpf, u32)> {
     prog.attach().context("attaching tcprtt_empty")?;
     let id = prog.info().context("reading tcprtt_empty's id")?.id();
     Ok((ebpf, id))
+}
+
+/// Waits for the kernel to free unloaded programs (after an RCU grace period), then
+/// fails if any of these is still loaded.
+pub fn ensure_unloaded(ids: &BTreeSet<u32>) -> Result<()> {
+    ensure!(!ids.is_empty(), "no tracer held a program");
+    let left = || -> Vec<String> {
+        loaded_programs()
+            .filter_map(Result::ok)
+            .filter(|p| ids.contains(&p.id()))
+            .map(|p| format!("{} (id {})", p.name_as_str().unwrap_or("?"), p.id()))
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !left().is_empty() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    let left = left();
+    ensure!(
+        left.is_empty(),
+        "programs left loaded after the benchmark: {}",
+        left.join(", ")
+    );
+    Ok(())
 }
 
 /// The eBPF object of the newest release build.

@@ -203,6 +203,7 @@ pub fn run(project: &Project) -> Result<()> {
         keys::SUSTAINED.as_secs()
     );
     let sustained = keys::sustained(&tools)?;
+    kernel::ensure_unloaded(&peers::held_programs())?;
 
     let markdown = report::render(&report::Results {
         load_average: load_average

@@ -2,12 +2,16 @@
 //! a tracer (tcprtt, the C peer or bpftrace) as a child process.
 
 use std::{
+    collections::BTreeSet,
     fs,
     io::{BufRead, BufReader, Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     path::Path,
     process::{Child, ChildStdout, Command, Stdio},
-    sync::mpsc::{self, Receiver},
+    sync::{
+        Mutex,
+        mpsc::{self, Receiver},
+    },
     thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
@@ -147,6 +151,14 @@ pub fn clients(server: SocketAddr, first: u32, count: u32, rate: Option<f64>) ->
     Ok(f64::from(count) / start.elapsed().as_secs_f64())
 }
 
+/// Ids of the programs every stopped tracer held, to check at the end that the kernel
+/// freed them all.
+static HELD: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+
+pub fn held_programs() -> BTreeSet<u32> {
+    HELD.lock().map(|h| h.clone()).unwrap_or_default()
+}
+
 /// How a tracer says it is attached: the start of a line on stderr, or on stdout.
 pub struct Ready {
     pub line: &'static str,
@@ -213,6 +225,9 @@ impl Tracer {
 
     /// SIGINT, then what it printed on stdout since `lines` was last read.
     pub fn stop(mut self) -> Result<String> {
+        if let Ok(mut held) = HELD.lock() {
+            held.insert(self.prog_id);
+        }
         // Our own child, not yet waited for, so the pid is still its.
         kill_process(Pid::from_child(&self.child), Signal::INT)
             .context("sending SIGINT to the tracer")?;

@@ -1,0 +1,598 @@
+//! The wire source: round trips timed from TCP timestamps by TC programs on an interface,
+//! for every TCP flow that passes it, local or forwarded.
+//!
+//! A TSval is recorded (with the time) the first time its direction carries it, on a
+//! segment with payload, SYN or FIN. The first segment of the other direction that echoes
+//! it in TSecr ends the round trip, which is timed only if that segment's ACK moves past
+//! every ACK its direction sent before (RFC 7323's RTTM rule): an echo on a segment that
+//! acknowledges nothing new is an old TS.Recent sent after an idle time, not a round trip.
+//! The sample belongs to the side that sent the TSval (`laddr`/`lport`), measured from
+//! this interface to the echoing side (`raddr`/`rport`) and back.
+//!
+//! Samples go into the same histograms as the srtt programs (see the crate root), so
+//! filters, groupings and exact intervals work the same way.
+
+use core::{mem::size_of, ptr::read_unaligned};
+
+use aya_ebpf::{
+    Global,
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes},
+    macros::{classifier, map},
+    maps::{HashMap, LruHashMap, PerCpuArray},
+    programs::TcContext,
+};
+use tcprtt_common::{
+    AF_INET, AF_INET6, HistKey, family, filter, group,
+    wire::{FlowKey, FlowState, PendingKey, WireConfig, flow, wstat},
+};
+
+use super::{
+    CONFIG, E2BIG, LADDRS, LPORTS, RADDRS, RPORTS, add_sample, add_to_all, count_failure,
+    in_prefixes, mapped_v4,
+};
+
+/// "No verdict": the packet goes on to the next program or filter, then on its way.
+const TC_ACT_UNSPEC: i32 = -1;
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPPROTO_TCP: u8 = 6;
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+/// TCP options take at most 40 bytes.
+const MAX_OPTIONS_LEN: usize = 40;
+
+#[unsafe(no_mangle)]
+static WIRE_CONFIG: Global<WireConfig> = Global::new(WireConfig::ZERO);
+
+/// Per direction of each connection seen: newest TSval, TSecr and ACK. An LRU map: when
+/// it is full the least recently active direction is forgotten, and the rules below only
+/// time what they can prove again once a direction is new (see `track`). The loader sets
+/// the real sizes; the srtt programs leave these maps at one entry.
+#[map]
+static WIRE_FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(1, 0);
+/// TSvals waiting for their first echo, with the time they were first seen (ns). A plain
+/// hash map so that a full map fails the insert and is counted; echoes delete their
+/// entry, userspace deletes (and counts) entries older than the age limit.
+#[map]
+static WIRE_PENDING: HashMap<PendingKey, u64> = HashMap::with_max_entries(1, 0);
+/// Counters indexed by `tcprtt_common::wire::wstat`.
+#[map]
+static WIRE_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(wstat::COUNT, 0);
+
+/// For interfaces whose frames start with an Ethernet header (veth, eth, bridges).
+#[classifier]
+pub fn tcprtt_wire_eth(ctx: TcContext) -> i32 {
+    on_packet(&ctx, true);
+    TC_ACT_UNSPEC
+}
+
+/// For interfaces without a link-layer header (TUN, PPP, WireGuard, IP tunnels): the
+/// packet starts at the IP header.
+#[classifier]
+pub fn tcprtt_wire_ip(ctx: TcContext) -> i32 {
+    on_packet(&ctx, false);
+    TC_ACT_UNSPEC
+}
+
+/// Does nothing: `cargo xtask bench` attaches it as the cost floor of a TC program.
+#[classifier]
+pub fn tcprtt_wire_empty(_ctx: TcContext) -> i32 {
+    TC_ACT_UNSPEC
+}
+
+#[inline(always)]
+fn bump(index: u32) {
+    if let Some(counter) = WIRE_STATS.get_ptr_mut(index) {
+        // SAFETY: a per-CPU slot, only ever touched by this CPU with preemption disabled.
+        unsafe { *counter += 1 };
+    }
+}
+
+/// `a` is later than `b` in 32-bit sequence space (TCP sequence numbers and timestamps
+/// wrap).
+#[inline(always)]
+fn after(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
+}
+
+/// A TCP segment's fields the timing needs.
+struct Segment {
+    flow: FlowKey,
+    ack: u32,
+    tsval: u32,
+    tsecr: u32,
+    flags: u8,
+    /// It carries payload bytes.
+    payload: bool,
+    /// It has the timestamps option (`tsval`, `tsecr` are valid).
+    has_ts: bool,
+}
+
+/// Working memory of one program run. The keys are too big for the 512-byte BPF stack
+/// once the compiler has inlined everything, so they live in a per-CPU slot. Runs on one
+/// CPU never overlap: egress runs with bottom halves disabled and ingress in a bottom
+/// half, and a program finishes before the packet moves on.
+struct Scratch {
+    seg: Segment,
+    /// Offset of the TCP header, and bytes after the IP header (see `parse_tcp`).
+    l4: u32,
+    ip_payload: u32,
+    /// A copy of the TCP options, for the walk in `timestamps` (64 bytes: see there).
+    opts: [u8; 64],
+    pending: PendingKey,
+    hist: HistKey,
+}
+
+#[map]
+static WIRE_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+fn on_packet(ctx: &TcContext, has_l2: bool) {
+    let Some(scratch) = WIRE_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's own slot; see `Scratch`.
+    let scratch = unsafe { &mut *scratch };
+    let parsed = parse_ip(ctx, has_l2, scratch)
+        .and_then(|()| parse_tcp(ctx, scratch))
+        .and_then(|(start, len)| timestamps(ctx, start, len, scratch));
+    match parsed {
+        Ok(()) => {
+            bump(wstat::TCP);
+            track(scratch);
+        }
+        Err(stat) => bump(stat),
+    }
+}
+
+/// Makes the first `len` bytes of the packet directly readable, pulling them into the
+/// linear part of the buffer when the driver left them in fragments.
+#[inline(always)]
+fn linear(ctx: &TcContext, len: usize) -> bool {
+    if ctx.data() + len <= ctx.data_end() {
+        return true;
+    }
+    if (ctx.len() as usize) < len || ctx.pull_data(len as u32).is_err() {
+        return false;
+    }
+    ctx.data() + len <= ctx.data_end()
+}
+
+/// A pointer to a `T` at `offset` in the packet, if the packet holds it. The comparison
+/// against `data_end` is what lets the verifier accept the load.
+#[inline(always)]
+fn at<T>(ctx: &TcContext, offset: usize) -> Result<*const T, u32> {
+    let start = ctx.data();
+    if start + offset + size_of::<T>() > ctx.data_end() {
+        return Err(wstat::MALFORMED);
+    }
+    Ok((start + offset) as *const T)
+}
+
+#[inline(always)]
+fn byte(ctx: &TcContext, offset: usize) -> Result<u8, u32> {
+    // SAFETY: `at` checked that the byte lies inside the packet.
+    Ok(unsafe { *at::<u8>(ctx, offset)? })
+}
+
+#[inline(always)]
+fn be16(ctx: &TcContext, offset: usize) -> Result<u16, u32> {
+    // SAFETY: `at` checked the bounds; packet data has no alignment guarantee.
+    Ok(u16::from_be(unsafe {
+        read_unaligned(at::<u16>(ctx, offset)?)
+    }))
+}
+
+#[inline(always)]
+fn be32(ctx: &TcContext, offset: usize) -> Result<u32, u32> {
+    // SAFETY: as in `be16`.
+    Ok(u32::from_be(unsafe {
+        read_unaligned(at::<u32>(ctx, offset)?)
+    }))
+}
+
+#[inline(always)]
+fn bytes<const N: usize>(ctx: &TcContext, offset: usize) -> Result<[u8; N], u32> {
+    // SAFETY: as in `be16`.
+    Ok(unsafe { read_unaligned(at::<[u8; N]>(ctx, offset)?) })
+}
+
+/// Parses a frame down to the IP header of a TCP segment: fills in the addresses, and
+/// where the TCP header starts and how long the IP payload is. `Err` carries the counter
+/// of the reason it is not a usable TCP segment.
+#[inline(always)]
+fn parse_ip(ctx: &TcContext, has_l2: bool, scratch: &mut Scratch) -> Result<(), u32> {
+    let (l3, ethertype) = if has_l2 {
+        if !linear(ctx, 14) {
+            return Err(wstat::MALFORMED);
+        }
+        match be16(ctx, 12)? {
+            ETH_P_8021Q | ETH_P_8021AD => {
+                if !linear(ctx, 18) {
+                    return Err(wstat::MALFORMED);
+                }
+                (18, be16(ctx, 16)?)
+            }
+            other => (14, other),
+        }
+    } else {
+        // `protocol` holds the big-endian EtherType in its low 16 bits.
+        (0, u16::from_be(ctx.skb.protocol() as u16))
+    };
+
+    let flow = &mut scratch.seg.flow;
+    let (l4, ip_payload) = match ethertype {
+        ETH_P_IP => {
+            if !linear(ctx, l3 + 20) {
+                return Err(wstat::MALFORMED);
+            }
+            let first = byte(ctx, l3)?;
+            let ihl = usize::from(first & 0x0f) * 4;
+            if first >> 4 != 4 || ihl < 20 {
+                return Err(wstat::MALFORMED);
+            }
+            if be16(ctx, l3 + 6)? & 0x3fff != 0 {
+                return Err(wstat::FRAGMENT);
+            }
+            if byte(ctx, l3 + 9)? != IPPROTO_TCP {
+                return Err(wstat::NOT_TCP);
+            }
+            let total = usize::from(be16(ctx, l3 + 2)?);
+            // A zero total length marks a BIG TCP super-packet: its length is the skb's.
+            let total = if total == 0 {
+                (ctx.len() as usize).saturating_sub(l3)
+            } else {
+                total
+            };
+            if total < ihl {
+                return Err(wstat::MALFORMED);
+            }
+            flow.family = AF_INET;
+            flow.saddr = mapped_v4(bytes(ctx, l3 + 12)?);
+            flow.daddr = mapped_v4(bytes(ctx, l3 + 16)?);
+            (l3 + ihl, total - ihl)
+        }
+        ETH_P_IPV6 => {
+            if !linear(ctx, l3 + 40) {
+                return Err(wstat::MALFORMED);
+            }
+            if byte(ctx, l3)? >> 4 != 6 {
+                return Err(wstat::MALFORMED);
+            }
+            match byte(ctx, l3 + 6)? {
+                IPPROTO_TCP => {}
+                // Hop-by-hop, routing, fragment, destination options, AH, mobility, HIP,
+                // shim6 and the two experimental values: a header we do not walk.
+                0 | 43 | 44 | 60 | 51 | 135 | 139 | 140 | 253 | 254 => {
+                    return Err(wstat::IPV6_EXT);
+                }
+                _ => return Err(wstat::NOT_TCP),
+            }
+            let payload = usize::from(be16(ctx, l3 + 4)?);
+            let payload = if payload == 0 {
+                (ctx.len() as usize).saturating_sub(l3 + 40)
+            } else {
+                payload
+            };
+            flow.family = AF_INET6;
+            flow.saddr = bytes(ctx, l3 + 8)?;
+            flow.daddr = bytes(ctx, l3 + 24)?;
+            (l3 + 40, payload)
+        }
+        _ => return Err(wstat::OTHER_L3),
+    };
+    scratch.l4 = l4 as u32;
+    scratch.ip_payload = ip_payload as u32;
+    Ok(())
+}
+
+/// Parses the TCP header that `parse_ip` found; returns where the options start and their
+/// length.
+#[inline(always)]
+fn parse_tcp(ctx: &TcContext, scratch: &mut Scratch) -> Result<(usize, usize), u32> {
+    // Read back from map memory, which the verifier does not track: every header layout
+    // (Ethernet, VLAN, raw IP; IPv4 with options, IPv6) reaches this point in one state,
+    // instead of the rest of the program being verified once per layout. At most
+    // 18 + 60 bytes of headers come before TCP, so the mask changes nothing.
+    // SAFETY: plain reads of this CPU's scratch slot.
+    let l4 = unsafe { core::ptr::read_volatile(&scratch.l4) } as usize & 0x7f;
+    // SAFETY: as above.
+    let ip_payload = unsafe { core::ptr::read_volatile(&scratch.ip_payload) } as usize;
+    let seg = &mut scratch.seg;
+    let flow = &mut seg.flow;
+    if !linear(ctx, l4 + 20) {
+        return Err(wstat::MALFORMED);
+    }
+    flow.sport = be16(ctx, l4)?;
+    flow.dport = be16(ctx, l4 + 2)?;
+    flow.reserved = 0;
+    seg.ack = be32(ctx, l4 + 8)?;
+    let doff = usize::from(byte(ctx, l4 + 12)? >> 4) * 4;
+    seg.flags = byte(ctx, l4 + 13)?;
+    if doff < 20 || ip_payload < doff || !linear(ctx, l4 + doff) {
+        return Err(wstat::MALFORMED);
+    }
+    seg.payload = ip_payload > doff;
+    Ok((l4 + 20, doff - 20))
+}
+
+/// Finds the timestamps option (kind 8, length 10) among the `len` bytes of options at
+/// `start` (all in the linear part of the packet: see `parse`).
+#[inline(always)]
+fn timestamps(ctx: &TcContext, start: usize, len: usize, scratch: &mut Scratch) -> Result<(), u32> {
+    let seg = &mut scratch.seg;
+    seg.has_ts = false;
+    if len == 0 {
+        return Ok(());
+    }
+    // Linux and most stacks put NOP, NOP, TS first on every segment but the SYN.
+    if len >= 12 && be32(ctx, start)? == 0x0101_080a {
+        seg.tsval = be32(ctx, start + 4)?;
+        seg.tsecr = be32(ctx, start + 8)?;
+        seg.has_ts = true;
+        return Ok(());
+    }
+    // Elsewhere, walk the options in a copy: walking them in the packet itself makes the
+    // verifier follow every path separately for each header layout, past its limit. On a
+    // copy with an index bounded by the buffer, states of later steps fall within those
+    // of earlier ones and are pruned.
+    if len > MAX_OPTIONS_LEN {
+        return Err(wstat::MALFORMED);
+    }
+    // The verifier must see the copy's length within 1..=64 on its own. The compiler knows
+    // `len` lies within 1..=40 here and would drop any clamp, so the clamp works on a
+    // copy it cannot see through; for 1..=40 it changes nothing.
+    // SAFETY: a plain read of a local.
+    let n = unsafe { core::ptr::read_volatile(&len) };
+    let n = ((n.wrapping_sub(1)) & 63) + 1;
+    let opts = &mut scratch.opts;
+    // SAFETY: the destination is a live 64-byte buffer and `n` is at most 64.
+    let copied = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            start as u32,
+            opts.as_mut_ptr().cast(),
+            n as u32,
+        )
+    };
+    if copied != 0 {
+        return Err(wstat::MALFORMED);
+    }
+    // Bounded by `len` alone: every step moves `i` forward by at least one byte, so the
+    // walk ends within `len` (at most 40) steps. A separate step counter would differ in
+    // every state and keep the verifier from pruning any.
+    let mut i = 0;
+    let mut found = None;
+    while i < len {
+        let Some(&kind) = opts.get(i) else { break };
+        match kind {
+            0 => break,
+            1 => i += 1,
+            _ => {
+                let size = usize::from(*opts.get(i + 1).ok_or(wstat::MALFORMED)?);
+                if kind == 8 && size == 10 {
+                    found = Some(i);
+                    break;
+                }
+                if size < 2 {
+                    return Err(wstat::MALFORMED);
+                }
+                i += size;
+            }
+        }
+    }
+    let Some(at) = found else {
+        return Ok(());
+    };
+    if at + 10 > len {
+        return Err(wstat::MALFORMED);
+    }
+    let value = opts.get(at + 2..at + 10).ok_or(wstat::MALFORMED)?;
+    seg.tsval = u32::from_be_bytes([value[0], value[1], value[2], value[3]]);
+    seg.tsecr = u32::from_be_bytes([value[4], value[5], value[6], value[7]]);
+    seg.has_ts = true;
+    Ok(())
+}
+
+/// Applies the recording and echo rules to one segment.
+#[inline(always)]
+fn track(scratch: &mut Scratch) {
+    let seg = &scratch.seg;
+    let direction = &seg.flow;
+    let syn = seg.flags & TCP_SYN != 0;
+    if !seg.has_ts {
+        bump(wstat::NO_TS_SEGMENTS);
+        // Resets often carry no options even on connections with timestamps.
+        if seg.flags & TCP_RST == 0 && WIRE_FLOWS.get_ptr(direction).is_none() {
+            let state = &FlowState {
+                flags: flow::NO_TS,
+                ..FlowState::default()
+            };
+            if WIRE_FLOWS
+                .insert(direction, state, u64::from(BPF_NOEXIST))
+                .is_ok()
+            {
+                bump(wstat::NO_TS_FLOWS);
+            }
+        }
+        return;
+    }
+
+    let state = match WIRE_FLOWS.get_ptr_mut(direction) {
+        Some(state) if !syn => state,
+        // A new direction, or a SYN (re)starting one: nothing earlier counts.
+        _ => {
+            let fresh = &FlowState {
+                flags: if syn { flow::SAW_SYN } else { 0 },
+                ..FlowState::default()
+            };
+            if WIRE_FLOWS.insert(direction, fresh, 0).is_err() {
+                bump(wstat::FLOW_FULL);
+                return;
+            }
+            match WIRE_FLOWS.get_ptr_mut(direction) {
+                Some(state) => state,
+                None => {
+                    bump(wstat::FLOW_FULL);
+                    return;
+                }
+            }
+        }
+    };
+    // SAFETY: a live map value. Another CPU handling the same direction at the same
+    // moment may race on these words; the pending map's delete (in `echo`) still makes
+    // every TSval give at most one sample.
+    let state = unsafe { &mut *state };
+
+    if seg.flags & TCP_ACK != 0 {
+        // The RTTM rule needs every earlier ACK of this direction: known once it has sent
+        // one while we watched, or when we saw its SYN (so nothing came before).
+        let advances = if state.flags & flow::HAS_ACK != 0 {
+            after(seg.ack, state.max_ack)
+        } else {
+            state.flags & flow::SAW_SYN != 0
+        };
+        if advances || state.flags & flow::HAS_ACK == 0 {
+            state.max_ack = seg.ack;
+            state.flags |= flow::HAS_ACK;
+        }
+        // TSecr is meaningful only with ACK. A value this direction has not echoed
+        // before is the first echo of that TSval of the other direction.
+        if state.flags & flow::HAS_TSECR == 0 || after(seg.tsecr, state.last_tsecr) {
+            state.last_tsecr = seg.tsecr;
+            state.flags |= flow::HAS_TSECR;
+            echo(scratch, advances);
+        }
+    }
+
+    // Record a TSval only where we can tell it is new: after an earlier one of this
+    // direction, or on its SYN. The first TSval of a direction met mid-flow may have been
+    // on the wire before we started, which would shorten its round trip.
+    let seg = &scratch.seg;
+    let known = state.flags & flow::HAS_TSVAL != 0;
+    let newer = known && after(seg.tsval, state.last_tsval);
+    if (newer || (!known && syn)) && (seg.payload || syn || seg.flags & TCP_FIN != 0) {
+        record(scratch);
+    }
+    if newer || !known {
+        state.last_tsval = scratch.seg.tsval;
+        state.flags |= flow::HAS_TSVAL;
+    }
+}
+
+#[inline(always)]
+fn record(scratch: &mut Scratch) {
+    let key = &mut scratch.pending;
+    key.flow = scratch.seg.flow;
+    key.tsval = scratch.seg.tsval;
+    key.reserved = 0;
+    let key: &PendingKey = key;
+    // SAFETY: a plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    match WIRE_PENDING.insert(key, now, u64::from(BPF_NOEXIST)) {
+        Ok(()) => bump(wstat::RECORDED),
+        Err(E2BIG) => bump(wstat::PENDING_FULL),
+        // EEXIST: another CPU recorded the same TSval first.
+        Err(_) => {}
+    }
+}
+
+/// The segment in `scratch` carries the first echo of its TSecr; `advances` tells
+/// whether its ACK is new.
+#[inline(always)]
+fn echo(scratch: &mut Scratch, advances: bool) {
+    let seg = &scratch.seg;
+    let key = &mut scratch.pending;
+    key.flow = seg.flow.reversed();
+    key.tsval = seg.tsecr;
+    key.reserved = 0;
+    let key: &PendingKey = key;
+    let Some(sent) = WIRE_PENDING.get_ptr(key) else {
+        return;
+    };
+    // SAFETY: a live map value, read before the delete below decides who owns it.
+    let sent = unsafe { *sent };
+    // The delete succeeds for exactly one caller: that one owns the sample.
+    if WIRE_PENDING.remove(key).is_err() {
+        return;
+    }
+    bump(wstat::ECHOED);
+    if !advances {
+        bump(wstat::NOT_ADVANCING);
+        return;
+    }
+    // SAFETY: a plain helper call.
+    let rtt_ns = unsafe { bpf_ktime_get_ns() }.wrapping_sub(sent);
+    if rtt_ns > WIRE_CONFIG.load().max_age_ns {
+        bump(wstat::AGED);
+        return;
+    }
+    add(scratch, rtt_ns);
+}
+
+#[inline(always)]
+fn has_port(ports: &HashMap<u16, u8>, port: u16) -> bool {
+    // SAFETY: the port maps hold plain u8 flags, never removed while programs run.
+    unsafe { ports.get(port) }.is_some()
+}
+
+/// Adds a round trip of the side that sent the TSval (`pending.flow.s*`) to the
+/// histograms, through the same filters and grouping as the srtt programs.
+#[inline(always)]
+fn add(scratch: &mut Scratch, rtt_ns: u64) {
+    let flow = &scratch.pending.flow;
+    let cfg = CONFIG.load();
+    let tag = if flow.family == AF_INET {
+        family::V4
+    } else {
+        family::V6
+    };
+    if (cfg.family != family::ANY && cfg.family != tag)
+        || (cfg.filters & filter::LADDR != 0 && !in_prefixes(&LADDRS, tag, &flow.saddr))
+        || (cfg.filters & filter::RADDR != 0 && !in_prefixes(&RADDRS, tag, &flow.daddr))
+        || (cfg.filters & filter::LPORT != 0 && !has_port(&LPORTS, flow.sport))
+        || (cfg.filters & filter::RPORT != 0 && !has_port(&RPORTS, flow.dport))
+    {
+        bump(wstat::FILTERED);
+        return;
+    }
+    let value = if cfg.milliseconds != 0 {
+        rtt_ns / 1_000_000
+    } else {
+        rtt_ns / 1_000
+    };
+    if cfg.group_by == group::NONE {
+        count_failure(add_to_all(value));
+        return;
+    }
+    let key = &mut scratch.hist;
+    *key = HistKey::default();
+    match cfg.group_by {
+        group::LADDR => {
+            key.family = flow.family;
+            key.laddr = flow.saddr;
+        }
+        group::RADDR => {
+            key.family = flow.family;
+            key.raddr = flow.daddr;
+        }
+        group::LPORT => key.lport = flow.sport,
+        group::RPORT => key.rport = flow.dport,
+        _ => {
+            key.family = flow.family;
+            key.laddr = flow.saddr;
+            key.raddr = flow.daddr;
+            key.lport = flow.sport;
+            key.rport = flow.dport;
+        }
+    }
+    count_failure(add_sample(key, value));
+}
