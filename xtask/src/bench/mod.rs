@@ -28,7 +28,7 @@ use anyhow::{Context, Result, ensure};
 
 use crate::{Project, is_root, on_path};
 
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 7;
 /// Round trips per cost sample: enough events (about two per round trip) to average out
 /// the clock reads, little enough to keep a sample near a second.
 const COST_ROUND_TRIPS: usize = 10_000;
