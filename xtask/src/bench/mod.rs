@@ -7,8 +7,8 @@
 //! rounds that alternate between the things compared.
 //!
 //! `cpeer` builds the C peer, `peers` holds the traffic and the tracer children, `kernel`
-//! what is read from the kernel, `runs` and `keys` the phases that sample, and `report`
-//! and `report_keys` turn the samples into BENCHMARKS.md.
+//! what is read from the kernel, `runs` and `keys` the phases that sample, and `report`,
+//! `report_keys` and `report_memory` turn the samples into BENCHMARKS.md.
 
 mod cpeer;
 mod kernel;
@@ -16,6 +16,7 @@ mod keys;
 mod peers;
 mod report;
 mod report_keys;
+mod report_memory;
 mod runs;
 
 use std::{

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use super::{
     COST_ROUND_TRIPS, EMPTY_PROGRAM, Mode, ROUNDS, Stat, Tool,
     keys::{KeyCost, Sustained},
-    report_keys,
+    report_keys, report_memory,
     runs::{Lifecycle, ModeCost, ToolCost},
     stat,
 };
@@ -46,7 +46,7 @@ pub fn render(r: &Results) -> Result<String> {
     let mut missed = Vec::new();
     cost(&mut md, r, &mut missed);
     report_keys::new_keys(&mut md, &r.new_keys, &mut missed);
-    report_keys::memory(&mut md, &r.new_keys, &mut missed)?;
+    report_memory::memory(&mut md, &r.new_keys, &mut missed)?;
     report_keys::sustained(&mut md, &r.sustained, &mut missed);
     lifecycle(&mut md, &r.lifecycle, &mut missed);
     md.push_str("\n## Targets missed\n\n");
