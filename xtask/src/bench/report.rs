@@ -99,7 +99,9 @@ fn cost(md: &mut String, r: &Results, missed: &mut Vec<String>) {
          rounds every mode runs each tracer alone on the hook in turn (the order rotating \
          from round to round), beside the empty program; the kernel's run-time statistics \
          (`kernel.bpf_stats_enabled`) give each program's time per run. Other traffic on \
-         the host runs through the same programs. **tcprtt / C** is the median of the \
+         the host runs through the same programs. The accepting filter passes every event's \
+         address and the server's half of them on the port (the client's local port is \
+         ephemeral), so half the events pass both filters. **tcprtt / C** is the median of the \
          per-round ratios; *net* is the same ratio after subtracting the empty program's \
          time from both (the hook's fixed cost as the statistics see it).\n\n\
          bpftrace attaches to the classic tracepoint `tracepoint:tcp:tcp_probe`: the kernel \
