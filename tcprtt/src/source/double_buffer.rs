@@ -15,7 +15,10 @@ use aya::{
 use tcprtt_common::{HistKey, HistValue};
 
 use super::take_map;
-use crate::histogram::Histogram;
+use crate::{
+    histogram::Histogram,
+    report::{Grouping, Key, Row, Source},
+};
 
 /// Waits for running BPF programs: updating a slot of an ARRAY_OF_MAPS makes the
 /// `bpf(BPF_MAP_UPDATE_ELEM)` call return only after an RCU grace period, and programs on
@@ -51,6 +54,8 @@ pub struct DoubleBuffer {
     active: Array<MapData, u32>,
     active_index: u32,
     grace: GracePeriod,
+    /// Held so that the programs, which may be loaded after this is built, find it.
+    _new_hist: Array<MapData, HistValue>,
 }
 
 impl DoubleBuffer {
@@ -78,6 +83,7 @@ impl DoubleBuffer {
             active: take_map(ebpf, &take("ACTIVE"))?,
             active_index: 0,
             grace: GracePeriod::new(ebpf)?,
+            _new_hist: new_hist,
         })
     }
 
@@ -116,5 +122,18 @@ impl DoubleBuffer {
                 .context("emptying the all-traffic histogram")?;
         }
         Ok(taken)
+    }
+
+    /// [`Self::take`], decoded into report rows measured by `source`.
+    pub fn take_rows(&mut self, source: Source, grouping: Grouping) -> Result<Vec<Row>> {
+        Ok(self
+            .take()?
+            .into_iter()
+            .map(|(raw, hist)| Row {
+                source,
+                key: Key::decode(grouping, &raw),
+                hist,
+            })
+            .collect())
     }
 }

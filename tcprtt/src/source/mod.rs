@@ -7,15 +7,15 @@ pub mod wire;
 
 use anyhow::{Context, Result, anyhow};
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{HashMap, LpmTrie, lpm_trie::Key},
 };
 use ipnet::IpNet;
 use tcprtt_common::{FILTER_KEY_LEN, family};
 
 use crate::{
-    cli::is_ipv4_prefix,
-    report::{Losses, Row},
+    cli::{Options, is_ipv4_prefix},
+    report::{ALL_TRAFFIC, Losses, Row},
 };
 
 /// What a source measured over one interval.
@@ -41,6 +41,36 @@ pub trait Source {
     fn farewell(&self) -> Result<Option<String>> {
         Ok(None)
     }
+}
+
+/// Loads `object` with `loader`'s settings, the histogram and filter maps sized for
+/// `opts`, and fills the filters.
+pub fn load_with_filters(
+    loader: &mut EbpfLoader<'_>,
+    opts: &Options,
+    object: &[u8],
+) -> Result<Ebpf> {
+    let hist_entries = if opts.grouping == ALL_TRAFFIC {
+        1
+    } else {
+        opts.max_keys
+    };
+    // A map needs at least one entry even when its filter is unused.
+    let len = |n: usize| n.max(1) as u32;
+    let mut ebpf = loader
+        .map_max_entries("HIST0", hist_entries)
+        .map_max_entries("HIST1", hist_entries)
+        .map_max_entries("LADDRS", len(opts.laddr.len()))
+        .map_max_entries("RADDRS", len(opts.raddr.len()))
+        .map_max_entries("LPORTS", len(opts.lport.len()))
+        .map_max_entries("RPORTS", len(opts.rport.len()))
+        .load(object)
+        .context("loading the eBPF object into the kernel")?;
+    fill_prefixes(&mut ebpf, "LADDRS", &opts.laddr)?;
+    fill_prefixes(&mut ebpf, "RADDRS", &opts.raddr)?;
+    fill_ports(&mut ebpf, "LPORTS", &opts.lport)?;
+    fill_ports(&mut ebpf, "RPORTS", &opts.rport)?;
+    Ok(ebpf)
 }
 
 /// A map of the loaded object, as the aya type `T`.
@@ -73,7 +103,7 @@ pub fn filter_key(net: &IpNet) -> Key<[u8; FILTER_KEY_LEN]> {
 }
 
 /// Stores address prefixes in the LPM-trie filter map `name`.
-pub fn fill_prefixes(ebpf: &mut Ebpf, name: &str, nets: &[IpNet]) -> Result<()> {
+fn fill_prefixes(ebpf: &mut Ebpf, name: &str, nets: &[IpNet]) -> Result<()> {
     let mut trie: LpmTrie<_, [u8; FILTER_KEY_LEN], u8> = LpmTrie::try_from(
         ebpf.map_mut(name)
             .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?,
@@ -86,7 +116,7 @@ pub fn fill_prefixes(ebpf: &mut Ebpf, name: &str, nets: &[IpNet]) -> Result<()> 
 }
 
 /// Stores ports in the hash filter map `name`.
-pub fn fill_ports(ebpf: &mut Ebpf, name: &str, ports: &[u16]) -> Result<()> {
+fn fill_ports(ebpf: &mut Ebpf, name: &str, ports: &[u16]) -> Result<()> {
     let mut map: HashMap<_, u16, u8> = HashMap::try_from(
         ebpf.map_mut(name)
             .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?,

@@ -15,11 +15,11 @@ use aya::{
 };
 use tcprtt_common::{ProbeConfig, filter, stat};
 
-use super::{Source, Taken, double_buffer::DoubleBuffer, fill_ports, fill_prefixes};
+use super::{Source, Taken, double_buffer::DoubleBuffer, load_with_filters};
 use crate::{
     btf::{self, KernelBtf},
     cli::{Attach, Options},
-    report::{ALL_TRAFFIC, Grouping, Key, Losses, Row, Source as RowSource},
+    report::{Grouping, Losses, Source as RowSource},
 };
 
 /// A place in the kernel the program can run at, in the order `--attach auto` tries them.
@@ -214,28 +214,13 @@ impl Srtt {
             .with_context(|| format!("parsing BTF in {}", path.display()))?;
         drop(data);
         let config = probe_config(opts, offsets);
-        let hist_entries = if opts.grouping == ALL_TRAFFIC {
-            1
-        } else {
-            opts.max_keys
-        };
-        // A map needs at least one entry even when its filter is unused.
-        let len = |n: usize| n.max(1) as u32;
-        let mut ebpf = EbpfLoader::new()
-            .btf(Some(&btf))
-            .override_global("CONFIG", &config, true)
-            .map_max_entries("HIST0", hist_entries)
-            .map_max_entries("HIST1", hist_entries)
-            .map_max_entries("LADDRS", len(opts.laddr.len()))
-            .map_max_entries("RADDRS", len(opts.raddr.len()))
-            .map_max_entries("LPORTS", len(opts.lport.len()))
-            .map_max_entries("RPORTS", len(opts.rport.len()))
-            .load(object)
-            .context("loading the eBPF object into the kernel")?;
-        fill_prefixes(&mut ebpf, "LADDRS", &opts.laddr)?;
-        fill_prefixes(&mut ebpf, "RADDRS", &opts.raddr)?;
-        fill_ports(&mut ebpf, "LPORTS", &opts.lport)?;
-        fill_ports(&mut ebpf, "RPORTS", &opts.rport)?;
+        let mut ebpf = load_with_filters(
+            EbpfLoader::new()
+                .btf(Some(&btf))
+                .override_global("CONFIG", &config, true),
+            opts,
+            object,
+        )?;
 
         let (hook, refusals) = attach(&mut ebpf, &btf, opts)?;
         let fd = ebpf
@@ -350,16 +335,7 @@ impl Source for Srtt {
     }
 
     fn take(&mut self) -> Result<Taken> {
-        let rows: Vec<Row> = self
-            .buffers
-            .take()?
-            .into_iter()
-            .map(|(raw, hist)| Row {
-                source: RowSource::Srtt,
-                key: Key::decode(self.grouping, &raw),
-                hist,
-            })
-            .collect();
+        let rows = self.buffers.take_rows(RowSource::Srtt, self.grouping)?;
         let totals = self.read_totals()?;
         let dropped = totals.dropped - self.totals.dropped;
         let no_memory = totals.no_memory - self.totals.no_memory;

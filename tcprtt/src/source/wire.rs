@@ -38,12 +38,11 @@ use tcprtt_common::{
 };
 
 use super::{
-    Source, Taken, double_buffer::DoubleBuffer, fill_ports, fill_prefixes, srtt::probe_config,
-    take_map,
+    Source, Taken, double_buffer::DoubleBuffer, load_with_filters, srtt::probe_config, take_map,
 };
 use crate::{
     cli::{Attach, Options},
-    report::{ALL_TRAFFIC, Grouping, Key, Losses, Row, Source as RowSource},
+    report::{Grouping, Losses, Source as RowSource},
 };
 
 /// Program names in the eBPF object.
@@ -431,29 +430,15 @@ impl Wire {
         let wire_config = WireConfig {
             max_age_ns: u64::try_from(opts.max_rtt.as_nanos()).unwrap_or(u64::MAX),
         };
-        let hist_entries = if opts.grouping == ALL_TRAFFIC {
-            1
-        } else {
-            opts.max_keys
-        };
-        let len = |n: usize| n.max(1) as u32;
-        let mut ebpf = EbpfLoader::new()
-            .override_global("CONFIG", &config, true)
-            .override_global("WIRE_CONFIG", &wire_config, true)
-            .map_max_entries("HIST0", hist_entries)
-            .map_max_entries("HIST1", hist_entries)
-            .map_max_entries("WIRE_FLOWS", FLOW_ENTRIES)
-            .map_max_entries("WIRE_PENDING", PENDING_ENTRIES)
-            .map_max_entries("LADDRS", len(opts.laddr.len()))
-            .map_max_entries("RADDRS", len(opts.raddr.len()))
-            .map_max_entries("LPORTS", len(opts.lport.len()))
-            .map_max_entries("RPORTS", len(opts.rport.len()))
-            .load(object)
-            .context("loading the eBPF object into the kernel")?;
-        fill_prefixes(&mut ebpf, "LADDRS", &opts.laddr)?;
-        fill_prefixes(&mut ebpf, "RADDRS", &opts.raddr)?;
-        fill_ports(&mut ebpf, "LPORTS", &opts.lport)?;
-        fill_ports(&mut ebpf, "RPORTS", &opts.rport)?;
+        let mut ebpf = load_with_filters(
+            EbpfLoader::new()
+                .override_global("CONFIG", &config, true)
+                .override_global("WIRE_CONFIG", &wire_config, true)
+                .map_max_entries("WIRE_FLOWS", FLOW_ENTRIES)
+                .map_max_entries("WIRE_PENDING", PENDING_ENTRIES),
+            opts,
+            object,
+        )?;
         let buffers = DoubleBuffer::new(&mut ebpf, "")?;
         let stats = take_map(&mut ebpf, "STATS")?;
         let wire_stats = take_map(&mut ebpf, "WIRE_STATS")?;
@@ -575,16 +560,7 @@ impl Source for Wire {
     }
 
     fn take(&mut self) -> Result<Taken> {
-        let rows: Vec<Row> = self
-            .buffers
-            .take()?
-            .into_iter()
-            .map(|(raw, hist)| Row {
-                source: RowSource::Wire,
-                key: Key::decode(self.grouping, &raw),
-                hist,
-            })
-            .collect();
+        let rows = self.buffers.take_rows(RowSource::Wire, self.grouping)?;
         let dropped = self.stat(stat::DROPPED)?;
         let no_memory = self.stat(stat::NO_MEMORY)?;
         let losses = Losses {

@@ -21,33 +21,38 @@ const TRACING: &str = "Tracing TCP RTT";
 const START_LIMIT: Duration = Duration::from_secs(20);
 const EXIT_LIMIT: Duration = Duration::from_secs(30);
 
-/// The binary under test: `$TCPRTT_BIN` (set by `cargo xtask test`), else the release build.
-pub fn bin() -> PathBuf {
-    let path = std::env::var_os("TCPRTT_BIN").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/tcprtt"),
+/// A binary the tests run: `$var` (set by `cargo xtask test`), else `default` under the
+/// workspace's target folder.
+fn built(var: &str, default: &str, how: &str) -> PathBuf {
+    let path = std::env::var_os(var).map_or_else(
+        || {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../target")
+                .join(default)
+        },
         PathBuf::from,
     );
-    assert!(
-        path.exists(),
-        "{} does not exist: build it with `cargo xtask build`",
-        path.display()
-    );
+    assert!(path.exists(), "{} does not exist: {how}", path.display());
     path
 }
 
-/// A tcprtt built with AYA_BUILD_SKIP=1, without its eBPF program: `$TCPRTT_NO_EBPF_BIN`
-/// (set by `cargo xtask test`, which builds it), else where that build leaves it.
+/// The binary under test: `$TCPRTT_BIN`, else the release build.
+pub fn bin() -> PathBuf {
+    built(
+        "TCPRTT_BIN",
+        "release/tcprtt",
+        "build it with `cargo xtask build`",
+    )
+}
+
+/// A tcprtt built with AYA_BUILD_SKIP=1, without its eBPF program: `$TCPRTT_NO_EBPF_BIN`,
+/// else where `cargo xtask test` leaves it.
 pub fn no_ebpf_bin() -> PathBuf {
-    let path = std::env::var_os("TCPRTT_NO_EBPF_BIN").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/tcprtt-without-ebpf"),
-        PathBuf::from,
-    );
-    assert!(
-        path.exists(),
-        "{} is built by `cargo xtask test`",
-        path.display()
-    );
-    path
+    built(
+        "TCPRTT_NO_EBPF_BIN",
+        "tcprtt-without-ebpf",
+        "`cargo xtask test` builds it",
+    )
 }
 
 /// What a finished tcprtt run left behind.
