@@ -187,29 +187,27 @@ impl Tracer {
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         let name = bin.file_name().unwrap_or_default().to_string_lossy();
-        let stdout = BufReader::new(child.stdout.take().context("the tracer's stdout")?);
-        let stderr = BufReader::new(child.stderr.take().context("the tracer's stderr")?);
-        let (tx, lines) = mpsc::channel();
-        let (stdout, stderr) = if ready.on_stdout {
-            let mut stdout = stdout;
-            wait_for(&mut stdout, ready.line, &name)?;
-            (stdout, thread::spawn(move || read_all(stderr)))
-        } else {
-            let mut stderr = stderr;
-            wait_for(&mut stderr, ready.line, &name)?;
-            (stdout, thread::spawn(move || read_all(stderr)))
-        };
-        let startup = started.elapsed();
-        forward(stdout, tx);
-        let prog_id = tracing_program(child.id())?;
-        thread::sleep(SETTLE);
-        Ok(Self {
-            child,
-            startup,
-            prog_id,
-            lines,
-            stderr: Some(stderr),
-        })
+        match attached(&mut child, ready, &name) {
+            Ok((lines, stderr)) => {
+                let mut tracer = Self {
+                    child,
+                    startup: started.elapsed(),
+                    prog_id: 0,
+                    lines,
+                    stderr: Some(stderr),
+                };
+                // On an error the tracer is dropped, which ends the child.
+                tracer.prog_id = tracing_program(tracer.child.id())?;
+                thread::sleep(SETTLE);
+                Ok(tracer)
+            }
+            Err(e) => {
+                // A child that never attached would otherwise live on after us.
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(e)
+            }
+        }
     }
 
     /// Peak resident set size so far, in KiB.
@@ -258,6 +256,25 @@ impl Drop for Tracer {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Waits for the ready line, then keeps reading both streams: stdout a line at a time,
+/// stderr into one string.
+fn attached(
+    child: &mut Child,
+    ready: &Ready,
+    name: &str,
+) -> Result<(Receiver<String>, JoinHandle<String>)> {
+    let mut stdout = BufReader::new(child.stdout.take().context("the tracer's stdout")?);
+    let mut stderr = BufReader::new(child.stderr.take().context("the tracer's stderr")?);
+    if ready.on_stdout {
+        wait_for(&mut stdout, ready.line, name)?;
+    } else {
+        wait_for(&mut stderr, ready.line, name)?;
+    }
+    let (tx, lines) = mpsc::channel();
+    forward(stdout, tx);
+    Ok((lines, thread::spawn(move || read_all(stderr))))
 }
 
 /// Reads lines until one starts with `ready`; what came before it is the error if the
