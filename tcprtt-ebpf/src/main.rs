@@ -261,23 +261,44 @@ fn select(sk: *const u8, cfg: &ProbeConfig) -> Result<HistKey, Skip> {
         || (cfg.family != family::ANY && sk_family == AF_INET6);
     let (mut key_family, mut key_laddr, mut key_raddr) = (0, NO_ADDR, NO_ADDR);
     if wants_addr {
-        let (laddr, raddr) = match sk_family {
+        // Only the addresses a filter or the grouping uses are read, except that an IPv6
+        // socket's peer address always is: it says whether the socket talks IPv4.
+        let needs_laddr =
+            cfg.filters & filter::LADDR != 0 || matches!(cfg.group_by, group::LADDR | group::FLOW);
+        let needs_raddr =
+            cfg.filters & filter::RADDR != 0 || matches!(cfg.group_by, group::RADDR | group::FLOW);
+        let (laddr, raddr, tag) = match sk_family {
             AF_INET => (
-                mapped_v4(read(sk, cfg.off_v4_laddr)),
-                mapped_v4(read(sk, cfg.off_v4_raddr)),
+                if needs_laddr {
+                    mapped_v4(read(sk, cfg.off_v4_laddr))
+                } else {
+                    NO_ADDR
+                },
+                if needs_raddr {
+                    mapped_v4(read(sk, cfg.off_v4_raddr))
+                } else {
+                    NO_ADDR
+                },
+                family::V4,
             ),
-            AF_INET6 => (
-                read_in6(sk, cfg.off_v6_laddr),
-                read_in6(sk, cfg.off_v6_raddr),
-            ),
+            AF_INET6 => {
+                let raddr = read_in6(sk, cfg.off_v6_raddr);
+                let laddr = if needs_laddr {
+                    read_in6(sk, cfg.off_v6_laddr)
+                } else {
+                    NO_ADDR
+                };
+                // An IPv6 socket talking to an IPv4 peer is IPv4 traffic to the user.
+                let tag = if is_v4_mapped(&raddr) {
+                    family::V4
+                } else {
+                    family::V6
+                };
+                (laddr, raddr, tag)
+            }
             _ => return Err(Skip::Unreadable),
         };
-        // An IPv6 socket talking to an IPv4 peer is IPv4 traffic to the user.
-        let (shown_family, tag) = if is_v4_mapped(&raddr) {
-            (AF_INET, family::V4)
-        } else {
-            (AF_INET6, family::V6)
-        };
+        let shown_family = if tag == family::V4 { AF_INET } else { AF_INET6 };
         if (cfg.family != family::ANY && cfg.family != tag)
             || (cfg.filters & filter::LADDR != 0 && !in_prefixes(&LADDRS, tag, &laddr))
             || (cfg.filters & filter::RADDR != 0 && !in_prefixes(&RADDRS, tag, &raddr))
@@ -423,8 +444,10 @@ fn cas_extreme(p: *mut u64, value: u64, lower: bool) {
     bump(stat::EXTREME_CONTENDED);
 }
 
-/// Adds a sample to a histogram shared by all CPUs: atomic adds for the counts, and
-/// compare-and-swap for min and max, only when the sample is a new extreme.
+/// Adds a sample to a histogram shared by all CPUs: atomic adds for the bucket and the sum,
+/// and compare-and-swap for min and max, only when the sample is a new extreme. `count` is
+/// left alone: it is the buckets' total, which userspace adds up, so every sample costs one
+/// atomic add fewer on a cache line all CPUs share.
 #[inline(always)]
 fn add_shared(hist: *mut HistValue, value: u64) {
     // SAFETY: `hist` points at a live map value; every write to it is atomic.
@@ -432,7 +455,6 @@ fn add_shared(hist: *mut HistValue, value: u64) {
         if let Some(bucket) = (*hist).buckets.get_mut(bucket_of(value)) {
             atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(bucket, 1);
         }
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*hist).count, 1);
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*hist).sum, value);
         cas_extreme(&raw mut (*hist).min, value, true);
         cas_extreme(&raw mut (*hist).max, value, false);

@@ -12,7 +12,7 @@
 //! Samples go into the same histograms as the srtt programs (see the crate root), so
 //! filters, groupings and exact intervals work the same way.
 
-use core::{mem::size_of, ptr::read_unaligned};
+use core::ptr::read_unaligned;
 
 use aya_ebpf::{
     Global,
@@ -45,9 +45,6 @@ const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
-
-/// TCP options take at most 40 bytes.
-const MAX_OPTIONS_LEN: usize = 40;
 
 #[unsafe(no_mangle)]
 static WIRE_CONFIG: Global<WireConfig> = Global::new(WireConfig::ZERO);
@@ -116,17 +113,35 @@ struct Segment {
     has_ts: bool,
 }
 
+/// Bytes of IP and TCP headers copied out of a packet: an IPv4 header with options and a
+/// TCP header with options take at most 120.
+const HEADERS_LEN: usize = 128;
+
+/// The IP and TCP headers of a packet, copied so that the IP header starts on a 4-byte
+/// boundary: every field the program reads then lies in an aligned 32-bit word (IP
+/// headers and TCP headers are multiples of 4 bytes), one load each.
+#[repr(C, align(8))]
+struct Headers([u8; HEADERS_LEN]);
+
+impl Headers {
+    /// The big-endian 32-bit word at byte `at`, a multiple of 4 within the copy. The
+    /// mask changes no such offset; it shows the verifier the bound.
+    #[inline(always)]
+    fn word(&self, at: usize) -> u32 {
+        let at = at & (HEADERS_LEN - 4);
+        // SAFETY: `at` is a multiple of 4 and `at + 4 <= HEADERS_LEN`, and the buffer is
+        // 8-byte aligned: an aligned read inside it.
+        u32::from_be(unsafe { self.0.as_ptr().add(at).cast::<u32>().read() })
+    }
+}
+
 /// Working memory of one program run. The keys are too big for the 512-byte BPF stack
 /// once the compiler has inlined everything, so they live in a per-CPU slot. Runs on one
 /// CPU never overlap: egress runs with bottom halves disabled and ingress in a bottom
 /// half, and a program finishes before the packet moves on.
 struct Scratch {
+    headers: Headers,
     seg: Segment,
-    /// Offset of the TCP header, and bytes after the IP header (see `parse_tcp`).
-    l4: u32,
-    ip_payload: u32,
-    /// A copy of the TCP options, for the walk in `timestamps` (64 bytes: see there).
-    opts: [u8; 64],
     pending: PendingKey,
     hist: HistKey,
 }
@@ -141,10 +156,7 @@ fn on_packet(ctx: &TcContext, has_l2: bool) {
     };
     // SAFETY: this CPU's own slot; see `Scratch`.
     let scratch = unsafe { &mut *scratch };
-    let parsed = parse_ip(ctx, has_l2, scratch)
-        .and_then(|()| parse_tcp(ctx, scratch))
-        .and_then(|(start, len)| timestamps(ctx, start, len, scratch));
-    match parsed {
+    match parse(ctx, has_l2, scratch) {
         Ok(()) => {
             bump(wstat::TCP);
             track(scratch);
@@ -153,233 +165,203 @@ fn on_packet(ctx: &TcContext, has_l2: bool) {
     }
 }
 
-/// Makes the first `len` bytes of the packet directly readable, pulling them into the
-/// linear part of the buffer when the driver left them in fragments.
-#[inline(always)]
-fn linear(ctx: &TcContext, len: usize) -> bool {
-    if ctx.data() + len <= ctx.data_end() {
-        return true;
-    }
-    if (ctx.len() as usize) < len || ctx.pull_data(len as u32).is_err() {
-        return false;
-    }
-    ctx.data() + len <= ctx.data_end()
-}
-
-/// A pointer to a `T` at `offset` in the packet, if the packet holds it. The comparison
-/// against `data_end` is what lets the verifier accept the load.
-#[inline(always)]
-fn at<T>(ctx: &TcContext, offset: usize) -> Result<*const T, u32> {
-    let start = ctx.data();
-    if start + offset + size_of::<T>() > ctx.data_end() {
-        return Err(wstat::MALFORMED);
-    }
-    Ok((start + offset) as *const T)
-}
-
-#[inline(always)]
-fn byte(ctx: &TcContext, offset: usize) -> Result<u8, u32> {
-    // SAFETY: `at` checked that the byte lies inside the packet.
-    Ok(unsafe { *at::<u8>(ctx, offset)? })
-}
-
+/// The big-endian 16-bit word at `offset` of the packet's linear part (link-layer
+/// headers always lie there).
 #[inline(always)]
 fn be16(ctx: &TcContext, offset: usize) -> Result<u16, u32> {
-    // SAFETY: `at` checked the bounds; packet data has no alignment guarantee.
+    let start = ctx.data();
+    // The comparison against `data_end` is what lets the verifier accept the load.
+    if start + offset + 2 > ctx.data_end() {
+        return Err(wstat::MALFORMED);
+    }
+    // SAFETY: inside the packet (checked); packet data has no alignment guarantee.
     Ok(u16::from_be(unsafe {
-        read_unaligned(at::<u16>(ctx, offset)?)
+        read_unaligned((start + offset) as *const u16)
     }))
 }
 
+/// Copies `want` (1..=HEADERS_LEN) bytes of the packet from `l3` on into `h`; returns how
+/// many it copied. It reads paged packets too and leaves the packet as it is (no pull into
+/// the linear part). A copy within the linear part is a plain memcpy; one that reaches
+/// into the pages costs a walk of them.
 #[inline(always)]
-fn be32(ctx: &TcContext, offset: usize) -> Result<u32, u32> {
-    // SAFETY: as in `be16`.
-    Ok(u32::from_be(unsafe {
-        read_unaligned(at::<u32>(ctx, offset)?)
-    }))
-}
-
-#[inline(always)]
-fn bytes<const N: usize>(ctx: &TcContext, offset: usize) -> Result<[u8; N], u32> {
-    // SAFETY: as in `be16`.
-    Ok(unsafe { read_unaligned(at::<[u8; N]>(ctx, offset)?) })
-}
-
-/// Parses a frame down to the IP header of a TCP segment: fills in the addresses, and
-/// where the TCP header starts and how long the IP payload is. `Err` carries the counter
-/// of the reason it is not a usable TCP segment.
-#[inline(always)]
-fn parse_ip(ctx: &TcContext, has_l2: bool, scratch: &mut Scratch) -> Result<(), u32> {
-    let (l3, ethertype) = if has_l2 {
-        if !linear(ctx, 14) {
-            return Err(wstat::MALFORMED);
-        }
-        match be16(ctx, 12)? {
-            ETH_P_8021Q | ETH_P_8021AD => {
-                if !linear(ctx, 18) {
-                    return Err(wstat::MALFORMED);
-                }
-                (18, be16(ctx, 16)?)
-            }
-            other => (14, other),
-        }
-    } else {
-        // `protocol` holds the big-endian EtherType in its low 16 bits.
-        (0, u16::from_be(ctx.skb.protocol() as u16))
-    };
-
-    let flow = &mut scratch.seg.flow;
-    let (l4, ip_payload) = match ethertype {
-        ETH_P_IP => {
-            if !linear(ctx, l3 + 20) {
-                return Err(wstat::MALFORMED);
-            }
-            let first = byte(ctx, l3)?;
-            let ihl = usize::from(first & 0x0f) * 4;
-            if first >> 4 != 4 || ihl < 20 {
-                return Err(wstat::MALFORMED);
-            }
-            if be16(ctx, l3 + 6)? & 0x3fff != 0 {
-                return Err(wstat::FRAGMENT);
-            }
-            if byte(ctx, l3 + 9)? != IPPROTO_TCP {
-                return Err(wstat::NOT_TCP);
-            }
-            let total = usize::from(be16(ctx, l3 + 2)?);
-            // A zero total length marks a BIG TCP super-packet: its length is the skb's.
-            let total = if total == 0 {
-                (ctx.len() as usize).saturating_sub(l3)
-            } else {
-                total
-            };
-            if total < ihl {
-                return Err(wstat::MALFORMED);
-            }
-            flow.family = AF_INET;
-            flow.saddr = mapped_v4(bytes(ctx, l3 + 12)?);
-            flow.daddr = mapped_v4(bytes(ctx, l3 + 16)?);
-            (l3 + ihl, total - ihl)
-        }
-        ETH_P_IPV6 => {
-            if !linear(ctx, l3 + 40) {
-                return Err(wstat::MALFORMED);
-            }
-            if byte(ctx, l3)? >> 4 != 6 {
-                return Err(wstat::MALFORMED);
-            }
-            match byte(ctx, l3 + 6)? {
-                IPPROTO_TCP => {}
-                // Hop-by-hop, routing, fragment, destination options, AH, mobility, HIP,
-                // shim6 and the two experimental values: a header we do not walk.
-                0 | 43 | 44 | 60 | 51 | 135 | 139 | 140 | 253 | 254 => {
-                    return Err(wstat::IPV6_EXT);
-                }
-                _ => return Err(wstat::NOT_TCP),
-            }
-            let payload = usize::from(be16(ctx, l3 + 4)?);
-            let payload = if payload == 0 {
-                (ctx.len() as usize).saturating_sub(l3 + 40)
-            } else {
-                payload
-            };
-            flow.family = AF_INET6;
-            flow.saddr = bytes(ctx, l3 + 8)?;
-            flow.daddr = bytes(ctx, l3 + 24)?;
-            (l3 + 40, payload)
-        }
-        _ => return Err(wstat::OTHER_L3),
-    };
-    scratch.l4 = l4 as u32;
-    scratch.ip_payload = ip_payload as u32;
-    Ok(())
-}
-
-/// Parses the TCP header that `parse_ip` found; returns where the options start and their
-/// length.
-#[inline(always)]
-fn parse_tcp(ctx: &TcContext, scratch: &mut Scratch) -> Result<(usize, usize), u32> {
-    // Read back from map memory, which the verifier does not track: every header layout
-    // (Ethernet, VLAN, raw IP; IPv4 with options, IPv6) reaches this point in one state,
-    // instead of the rest of the program being verified once per layout. At most
-    // 18 + 60 bytes of headers come before TCP, so the mask changes nothing.
-    // SAFETY: plain reads of this CPU's scratch slot.
-    let l4 = unsafe { core::ptr::read_volatile(&scratch.l4) } as usize & 0x7f;
-    // SAFETY: as above.
-    let ip_payload = unsafe { core::ptr::read_volatile(&scratch.ip_payload) } as usize;
-    let seg = &mut scratch.seg;
-    let flow = &mut seg.flow;
-    if !linear(ctx, l4 + 20) {
-        return Err(wstat::MALFORMED);
-    }
-    flow.sport = be16(ctx, l4)?;
-    flow.dport = be16(ctx, l4 + 2)?;
-    flow.reserved = 0;
-    seg.ack = be32(ctx, l4 + 8)?;
-    let doff = usize::from(byte(ctx, l4 + 12)? >> 4) * 4;
-    seg.flags = byte(ctx, l4 + 13)?;
-    if doff < 20 || ip_payload < doff || !linear(ctx, l4 + doff) {
-        return Err(wstat::MALFORMED);
-    }
-    seg.payload = ip_payload > doff;
-    Ok((l4 + 20, doff - 20))
-}
-
-/// Finds the timestamps option (kind 8, length 10) among the `len` bytes of options at
-/// `start` (all in the linear part of the packet: see `parse`).
-#[inline(always)]
-fn timestamps(ctx: &TcContext, start: usize, len: usize, scratch: &mut Scratch) -> Result<(), u32> {
-    let seg = &mut scratch.seg;
-    seg.has_ts = false;
-    if len == 0 {
-        return Ok(());
-    }
-    // Linux and most stacks put NOP, NOP, TS first on every segment but the SYN.
-    if len >= 12 && be32(ctx, start)? == 0x0101_080a {
-        seg.tsval = be32(ctx, start + 4)?;
-        seg.tsecr = be32(ctx, start + 8)?;
-        seg.has_ts = true;
-        return Ok(());
-    }
-    // Elsewhere, walk the options in a copy: walking them in the packet itself makes the
-    // verifier follow every path separately for each header layout, past its limit. On a
-    // copy with an index bounded by the buffer, states of later steps fall within those
-    // of earlier ones and are pruned.
-    if len > MAX_OPTIONS_LEN {
-        return Err(wstat::MALFORMED);
-    }
-    // The verifier must see the copy's length within 1..=64 on its own. The compiler knows
-    // `len` lies within 1..=40 here and would drop any clamp, so the clamp works on a
-    // copy it cannot see through; for 1..=40 it changes nothing.
+fn copy_headers(ctx: &TcContext, l3: usize, want: usize, h: &mut Headers) -> Result<usize, u32> {
+    // The verifier must see the length within 1..=HEADERS_LEN on its own; the compiler
+    // knows it already and would drop a clamp, so the clamp works on a copy it cannot see
+    // through. For 1..=128 it changes nothing.
     // SAFETY: a plain read of a local.
-    let n = unsafe { core::ptr::read_volatile(&len) };
-    let n = ((n.wrapping_sub(1)) & 63) + 1;
-    let opts = &mut scratch.opts;
-    // SAFETY: the destination is a live 64-byte buffer and `n` is at most 64.
+    let n = unsafe { core::ptr::read_volatile(&want) };
+    let n = (n.wrapping_sub(1) & (HEADERS_LEN - 1)) + 1;
+    // SAFETY: the destination is a live buffer of HEADERS_LEN bytes, `n` at most that.
     let copied = unsafe {
         bpf_skb_load_bytes(
             ctx.skb.skb.cast(),
-            start as u32,
-            opts.as_mut_ptr().cast(),
+            l3 as u32,
+            h.0.as_mut_ptr().cast(),
             n as u32,
         )
     };
     if copied != 0 {
         return Err(wstat::MALFORMED);
     }
+    Ok(n)
+}
+
+/// Makes sure the first `need` bytes of the headers are in `h`, copying all `available`
+/// ones when they are not.
+#[inline(always)]
+fn copy_more(
+    ctx: &TcContext,
+    l3: usize,
+    need: usize,
+    available: usize,
+    h: &mut Headers,
+) -> Result<usize, u32> {
+    if need > available {
+        return Err(wstat::MALFORMED);
+    }
+    copy_headers(ctx, l3, available, h)
+}
+
+/// Parses a frame down to the TCP timestamps option into `scratch.seg`. `Err` carries
+/// the counter of the reason it is not a usable TCP segment.
+#[inline(always)]
+fn parse(ctx: &TcContext, has_l2: bool, scratch: &mut Scratch) -> Result<(), u32> {
+    let (l3, ethertype) = if has_l2 {
+        match be16(ctx, 12)? {
+            ETH_P_8021Q | ETH_P_8021AD => (18, be16(ctx, 16)?),
+            other => (14, other),
+        }
+    } else {
+        // `protocol` holds the big-endian EtherType in its low 16 bits.
+        (0, u16::from_be(ctx.skb.protocol() as u16))
+    };
+    if ethertype != ETH_P_IP && ethertype != ETH_P_IPV6 {
+        return Err(wstat::OTHER_L3);
+    }
+    // The IP and TCP headers are copied out (`copy_headers`): usually only the bytes in
+    // the packet's linear part, where drivers and the stack put the headers; all of them
+    // when the headers turn out to reach further. Bytes past `n` are left from earlier
+    // packets: every read below is checked against `n`.
+    let available = (ctx.len() as usize).saturating_sub(l3).min(HEADERS_LEN);
+    if available < 20 {
+        return Err(wstat::MALFORMED);
+    }
+    let linear = ctx.data_end().saturating_sub(ctx.data() + l3);
+    let h = &mut scratch.headers;
+    let mut n = copy_headers(ctx, l3, available.min(linear.max(40)), h)?;
+    let seg = &mut scratch.seg;
+    let flow = &mut seg.flow;
+    let first = h.word(0);
+    let (l4, ip_payload) = if ethertype == ETH_P_IP {
+        let ihl = ((first >> 24) & 0x0f) as usize * 4;
+        if first >> 28 != 4 || ihl < 20 {
+            return Err(wstat::MALFORMED);
+        }
+        if h.word(4) & 0x3fff != 0 {
+            return Err(wstat::FRAGMENT);
+        }
+        if (h.word(8) >> 16) as u8 != IPPROTO_TCP {
+            return Err(wstat::NOT_TCP);
+        }
+        let total = (first & 0xffff) as usize;
+        // A zero total length marks a BIG TCP super-packet: its length is the skb's.
+        let total = if total == 0 {
+            (ctx.len() as usize).saturating_sub(l3)
+        } else {
+            total
+        };
+        if total < ihl {
+            return Err(wstat::MALFORMED);
+        }
+        flow.family = AF_INET;
+        flow.saddr = mapped_v4(h.word(12).to_be_bytes());
+        flow.daddr = mapped_v4(h.word(16).to_be_bytes());
+        (ihl, total - ihl)
+    } else {
+        if first >> 28 != 6 || available < 40 {
+            return Err(wstat::MALFORMED);
+        }
+        let second = h.word(4);
+        match (second >> 8) as u8 {
+            IPPROTO_TCP => {}
+            // Hop-by-hop, routing, fragment, destination options, AH, mobility, HIP,
+            // shim6 and the two experimental values: a header we do not walk.
+            0 | 43 | 44 | 60 | 51 | 135 | 139 | 140 | 253 | 254 => {
+                return Err(wstat::IPV6_EXT);
+            }
+            _ => return Err(wstat::NOT_TCP),
+        }
+        let payload = (second >> 16) as usize;
+        let payload = if payload == 0 {
+            (ctx.len() as usize).saturating_sub(l3 + 40)
+        } else {
+            payload
+        };
+        flow.family = AF_INET6;
+        for (i, chunk) in flow.saddr.chunks_exact_mut(4).enumerate() {
+            chunk.copy_from_slice(&h.word(8 + 4 * i).to_be_bytes());
+        }
+        for (i, chunk) in flow.daddr.chunks_exact_mut(4).enumerate() {
+            chunk.copy_from_slice(&h.word(24 + 4 * i).to_be_bytes());
+        }
+        (40, payload)
+    };
+
+    if l4 + 20 > n {
+        n = copy_more(ctx, l3, l4 + 20, available, h)?;
+    }
+    let ports = h.word(l4);
+    flow.sport = (ports >> 16) as u16;
+    flow.dport = ports as u16;
+    flow.reserved = 0;
+    seg.ack = h.word(l4 + 8);
+    let doff_flags = h.word(l4 + 12);
+    let doff = ((doff_flags >> 28) as usize) * 4;
+    seg.flags = (doff_flags >> 16) as u8;
+    if doff < 20 || ip_payload < doff {
+        return Err(wstat::MALFORMED);
+    }
+    if l4 + doff > n {
+        copy_more(ctx, l3, l4 + doff, available, h)?;
+    }
+    seg.payload = ip_payload > doff;
+    timestamps(h, l4 + 20, doff - 20, seg)
+}
+
+/// Finds the timestamps option (kind 8, length 10) among the `len` bytes of options at
+/// byte `start` of the copied headers.
+#[inline(always)]
+fn timestamps(h: &Headers, start: usize, len: usize, seg: &mut Segment) -> Result<(), u32> {
+    seg.has_ts = false;
+    // Linux and most stacks put NOP, NOP, TS first on every segment but the SYN.
+    if len >= 12 && h.word(start) == 0x0101_080a {
+        seg.tsval = h.word(start + 4);
+        seg.tsecr = h.word(start + 8);
+        seg.has_ts = true;
+        return Ok(());
+    }
     // Bounded by `len` alone: every step moves `i` forward by at least one byte, so the
     // walk ends within `len` (at most 40) steps. A separate step counter would differ in
-    // every state and keep the verifier from pruning any.
+    // every state and keep the verifier from pruning any. The verifier must see `len`
+    // bounded itself: read back where the compiler cannot follow, the mask stays (and
+    // changes nothing for 0..=40), and so do the bounds checks of each read below.
+    // SAFETY: a plain read of a local.
+    let len = unsafe { core::ptr::read_volatile(&len) } & 63;
+    let opts = &h.0;
     let mut i = 0;
     let mut found = None;
     while i < len {
-        let Some(&kind) = opts.get(i) else { break };
+        let Some(&kind) = opts.get(start + i) else {
+            break;
+        };
         match kind {
             0 => break,
             1 => i += 1,
             _ => {
-                let size = usize::from(*opts.get(i + 1).ok_or(wstat::MALFORMED)?);
+                let size = usize::from(*opts.get(start + i + 1).ok_or(wstat::MALFORMED)?);
                 if kind == 8 && size == 10 {
-                    found = Some(i);
+                    found = Some(start + i);
                     break;
                 }
                 if size < 2 {
@@ -392,7 +374,7 @@ fn timestamps(ctx: &TcContext, start: usize, len: usize, scratch: &mut Scratch) 
     let Some(at) = found else {
         return Ok(());
     };
-    if at + 10 > len {
+    if at + 10 > start + len {
         return Err(wstat::MALFORMED);
     }
     let value = opts.get(at + 2..at + 10).ok_or(wstat::MALFORMED)?;

@@ -169,23 +169,15 @@ fn host_path_median_agrees_with_ping_and_with_srtt_side_by_side() {
     assert!(num(w, "count") >= 50.0, "{w}");
     // No round trip through the line can be shorter than its 40 ms.
     assert!(num(w, "min") >= 40_000.0, "{w}");
-    let (avg, median) = (num(w, "avg"), median_bucket(w));
+    let median = median_bucket(w);
     assert!(
         near(median, ping, 0.05),
         "wire median in {median:?} µs, ping {ping} µs"
     );
-    assert!(
-        (avg - ping).abs() <= 0.05 * ping,
-        "wire avg {avg} µs, ping {ping} µs"
-    );
-    let (srtt_avg, srtt_median) = (num(s, "avg"), median_bucket(s));
+    let srtt_median = median_bucket(s);
     assert!(
         near(median, srtt_median.0, 0.05) || near(median, srtt_median.1, 0.05),
         "wire median in {median:?} µs, srtt median in {srtt_median:?} µs"
-    );
-    assert!(
-        (avg - srtt_avg).abs() <= 0.05 * srtt_avg,
-        "wire avg {avg} µs, srtt avg {srtt_avg} µs"
     );
 }
 
@@ -466,10 +458,11 @@ fn bulk_transfers_both_ways_ipv4_and_ipv6() {
         assert!(num(row, "min") >= 40_000.0, "{row}");
     }
     for addr in ["203.0.113.74", "2001:db8:75::1"] {
-        // The server's data, acknowledged by the client right here.
+        // The server's data, acknowledged by the client right here: mostly at once (some
+        // acknowledgements wait for the delayed-ACK timer or a busy CPU).
         let row = row_of(report, addr);
         assert!(num(row, "count") >= 20.0, "{row}");
-        assert!(num(row, "max") < 40_000.0, "{row}");
+        assert!(median_bucket(row).1 < 40_000.0, "{row}");
     }
     let verbose = out.stderr.lines().last().unwrap_or_default();
     assert!(verbose.contains("malformed 0"), "{verbose}");
@@ -711,7 +704,7 @@ fn crafted_frames_vlan_tags_option_layouts_and_the_timing_rules() {
         )]);
         out(&[frame(&seg(c, s, 1, 1, ACK, (101, 900), 0), tag, false)]);
         // A request and, 30 ms later, its acknowledgement: one sample. The echo repeated
-        // is no first echo; the pure ACK's TSval (102) is never timed.
+        // is no first echo. The pure ACK's TSval (101) was not recorded.
         out(&[frame(
             &seg(c, s, 1, 1, ACK | PSH, (102, 900), 10),
             tag,
@@ -764,7 +757,13 @@ fn crafted_frames_vlan_tags_option_layouts_and_the_timing_rules() {
         assert_eq!(num(row_of(report, server_addr), "count"), 1.0, "{report}");
     }
     let verbose = done.stderr.lines().last().unwrap_or_default();
-    for needle in ["not advancing the ACK 3,", "malformed 1)", "samples 9,"] {
+    // Per flow: the SYN, the SYN-ACK and two requests; no pure ACK.
+    for needle in [
+        "TSvals recorded 12,",
+        "not advancing the ACK 3,",
+        "malformed 1)",
+        "samples 9,",
+    ] {
         assert!(verbose.contains(needle), "{needle}: {verbose}");
     }
     // Ours, and any multicast listener report the kernel sends with a hop-by-hop header.
@@ -775,6 +774,74 @@ fn crafted_frames_vlan_tags_option_layouts_and_the_timing_rules() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("{verbose}"));
     assert!(ext >= 1, "{verbose}");
+}
+
+#[test]
+fn filters_apply_to_the_side_that_sent_the_tsval_and_max_rtt_ages_out() {
+    use frames::{ACK, PSH, SYN, Seg, frame, send};
+    let mut bed = TestBed::new();
+    let (client, server) = veth_pair(&mut bed);
+    let tracer = wire_tracer(
+        &client,
+        &[
+            "--passive",
+            "veth0",
+            "-6",
+            "-P",
+            "80",
+            "--max-rtt",
+            "0.5",
+            "--by-flow",
+            "--json",
+            "-v",
+        ],
+    );
+    let out = |frames: &[Vec<u8>]| in_ns(&client, || send("veth0", frames));
+    let back = |frames: &[Vec<u8>]| in_ns(&server, || send("veth0", frames));
+    let seg = |src, dst, seq, ack, flags, ts, payload| Seg {
+        src,
+        dst,
+        seq,
+        ack,
+        flags,
+        ts: Some(ts),
+        payload,
+    };
+    let f = |seg: &Seg| frame(seg, None, false);
+
+    // IPv4: both samples (the client's SYN, the server's SYN-ACK) fall to -6.
+    let (c, s) = ((ip("198.51.100.95"), 40_000), (ip("203.0.113.95"), 80));
+    out(&[f(&seg(c, s, 0, 0, SYN, (100, 0), 0))]);
+    back(&[f(&seg(s, c, 0, 1, SYN | ACK, (900, 100), 0))]);
+    out(&[f(&seg(c, s, 1, 1, ACK, (101, 900), 0))]);
+
+    // IPv6: the SYN-ACK comes after --max-rtt (aged); the server's TSval, timed on the
+    // client's side, falls to -P 80 (its remote port is the client's).
+    let (c, s) = ((ip("2001:db8:95::1"), 40_000), (ip("2001:db8:96::1"), 80));
+    out(&[f(&seg(c, s, 0, 0, SYN, (100, 0), 0))]);
+    thread::sleep(ms(700));
+    back(&[f(&seg(s, c, 0, 1, SYN | ACK, (900, 100), 0))]);
+    out(&[f(&seg(c, s, 1, 1, ACK, (101, 900), 0))]);
+    // A request answered in 30 ms: the one sample of the run.
+    out(&[f(&seg(c, s, 1, 1, ACK | PSH, (102, 900), 10))]);
+    thread::sleep(ms(30));
+    back(&[f(&seg(s, c, 1, 11, ACK, (901, 102), 0))]);
+    // A request never answered: removed once older than --max-rtt.
+    out(&[f(&seg(c, s, 11, 1, ACK | PSH, (103, 901), 10))]);
+    thread::sleep(Duration::from_millis(2500));
+
+    let done = tracer.stop_with(libc::SIGINT);
+    assert!(done.status.success(), "{done:?}");
+    let report = &reports(&done.stdout)[0];
+    assert_eq!(rows(report).len(), 1, "{report}");
+    let row = row_of(report, "2001:db8:95::1");
+    assert_eq!(row["key"]["port"], 80);
+    assert_eq!(num(row, "count"), 1.0, "{row}");
+    assert!(num(row, "min") >= 30_000.0, "{row}");
+    let verbose = done.stderr.lines().last().unwrap_or_default();
+    for needle in ["later than --max-rtt 2)", "samples 1,", "filtered out 3,"] {
+        assert!(verbose.contains(needle), "{needle}: {verbose}");
+    }
 }
 
 /// TC filters `bpftool net show` lists on `dev` in `host` (clsact only).

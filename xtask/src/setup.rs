@@ -7,8 +7,11 @@ use anyhow::{Context, Result, bail, ensure};
 use crate::{Project, is_root, on_path, output};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Debian packages the tests call, each with a command it provides: `ip`/`ss` (iproute2),
-/// `bpftool`, `setpriv`; QEMU, a static busybox and cpio for `vm-test`'s guests.
+/// Debian packages the tests and the benchmark call, each with a command it provides:
+/// `ip`/`ss` (iproute2), `bpftool`, `setpriv`; QEMU, a static busybox and cpio for
+/// `vm-test`'s guests; `ping`, the wire source's ground truth; for the benchmark's peers
+/// `clang`, `bpftrace`, and libbpf and libelf for the C peer to link with (libraries, no
+/// command of their own: they are checked through `clang`, which compiles against them).
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
     ("bpftool", "bpftool"),
@@ -16,6 +19,11 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("qemu-system-x86", "qemu-system-x86_64"),
     ("busybox-static", "busybox"),
     ("cpio", "cpio"),
+    ("iputils-ping", "ping"),
+    ("clang", "clang"),
+    ("libbpf-dev", "clang"),
+    ("libelf-dev", "clang"),
+    ("bpftrace", "bpftrace"),
     ("prometheus", "promtool"),
 ];
 

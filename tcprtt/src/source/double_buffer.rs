@@ -105,7 +105,9 @@ impl DoubleBuffer {
             .context("listing histogram keys")?;
         let mut taken = Vec::with_capacity(keys.len() + 1);
         for key in keys {
-            let value = map.get(&key, 0).context("reading a histogram")?;
+            let mut value = map.get(&key, 0).context("reading a histogram")?;
+            // The program leaves `count` to userspace in shared histograms.
+            value.count = value.buckets.iter().map(|n| u64::from(*n)).sum();
             taken.push((key, Histogram::merge([&value])));
             map.remove(&key).context("emptying the histogram map")?;
         }

@@ -248,7 +248,27 @@ struct Attachment {
     added_clsact: Vec<u32>,
 }
 
-/// Loads the program each interface needs and attaches it at ingress and egress.
+fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier> {
+    Ok(ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+        .try_into()?)
+}
+
+/// Loads the program each interface needs (each once).
+fn load_programs(ebpf: &mut Ebpf, ifaces: &[Iface]) -> Result<()> {
+    for iface in ifaces {
+        let name = program_for(iface);
+        let prog = classifier(ebpf, name)?;
+        if prog.fd().is_err() {
+            prog.load()
+                .map_err(|e| anyhow!("the kernel refused {name}: {}", refusal(&e)))?;
+        }
+    }
+    Ok(())
+}
+
+/// Attaches the loaded program of each interface at ingress and egress.
 fn attach_all(ebpf: &mut Ebpf, ifaces: &[Iface], mode: TcMode) -> Result<Attachment> {
     let mut out = Attachment {
         attached: match mode {
@@ -261,14 +281,7 @@ fn attach_all(ebpf: &mut Ebpf, ifaces: &[Iface], mode: TcMode) -> Result<Attachm
     };
     for (n, iface) in ifaces.iter().enumerate() {
         let name = program_for(iface);
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
-            .try_into()?;
-        if prog.fd().is_err() {
-            prog.load()
-                .map_err(|e| anyhow!("the kernel refused {name}: {}", refusal(&e)))?;
-        }
+        let prog = classifier(ebpf, name)?;
         for direction in [TcAttachType::Ingress, TcAttachType::Egress] {
             if out.attached == Attached::Tcx {
                 // First, so that no other program can drop or redirect a packet before
@@ -439,6 +452,9 @@ impl Wire {
             opts,
             object,
         )?;
+        // Loaded (verified) before any map is taken out of the object: the programs then
+        // hold every map they use, whatever userspace keeps or drops.
+        load_programs(&mut ebpf, &opts.passive)?;
         let buffers = DoubleBuffer::new(&mut ebpf, "")?;
         let stats = take_map(&mut ebpf, "STATS")?;
         let wire_stats = take_map(&mut ebpf, "WIRE_STATS")?;

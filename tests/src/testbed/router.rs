@@ -7,8 +7,6 @@
 //!   tunN <= a_side => tun0 (routes to a)   tun1 (routes to b) <= b_side => tunM
 //! ```
 
-use std::process::Command;
-
 use super::{
     Delay, Forwarder, Host, Link, TestBed,
     netns::{enter, ip},
@@ -65,17 +63,15 @@ impl TestBed {
     }
 }
 
-/// Sets a sysctl inside namespace `ns`; panics when it fails.
-pub fn sysctl(ns: &str, key: &str) {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, "sysctl", "-qw", key])
-        .output()
-        .expect("running sysctl in a namespace");
-    assert!(
-        out.status.success(),
-        "sysctl {key} in {ns}: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
+/// Sets a network sysctl (`net.ipv4.ip_forward=1`) inside namespace `ns`; panics when it
+/// fails. /proc/sys/net belongs to the namespace of the thread that opens it.
+pub fn sysctl(ns: &str, setting: &str) {
+    let (key, value) = setting
+        .split_once('=')
+        .unwrap_or_else(|| panic!("{setting}: not key=value"));
+    let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    enter(ns, || std::fs::write(&path, value))
+        .unwrap_or_else(|e| panic!("setting {setting} in {ns}: {e}"));
 }
 
 /// Sets a device of namespace `ns` down or up (for the bad-input tests).
