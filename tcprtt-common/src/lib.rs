@@ -214,20 +214,22 @@ pub const DRAIN_PERIOD_SECS: u64 = 30;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HistValue {
-    /// Samples per fine bucket (see [`fine_bucket`]). 32 bits halve the per-CPU value
-    /// (memory, cache lines, the zeroing of a new key); see [`DRAIN_PERIOD_SECS`].
-    pub buckets: [u32; FINE_BUCKETS],
-    /// Explicit padding, always zero: aligns the 64-bit fields below.
-    pub reserved: u32,
     /// Number of samples. Left at 0 in the grouped maps, where it is the buckets' total
     /// and userspace adds it up (one atomic add less per sample).
     pub count: u64,
-    /// Sum of the samples, in the recorded unit.
+    /// Sum of the samples, in the recorded unit. First with `min` and `max`, so that with
+    /// the buckets of short round trips they share the value's first cache line: a shared
+    /// histogram's sample then dirties one line that CPUs pass around, not two.
     pub sum: u64,
     /// Smallest sample (meaningless while `count` is 0).
     pub min: u64,
     /// Largest sample.
     pub max: u64,
+    /// Samples per fine bucket (see [`fine_bucket`]). 32 bits halve the value (memory,
+    /// cache lines, the copy of a new key); see [`DRAIN_PERIOD_SECS`].
+    pub buckets: [u32; FINE_BUCKETS],
+    /// Explicit padding, always zero: the value's size stays a multiple of 8.
+    pub reserved: u32,
 }
 
 impl HistValue {

@@ -7,9 +7,12 @@ use anyhow::{Context, Result, bail, ensure};
 use crate::{Project, is_root, on_path, output};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Debian packages the tests call, each with a command it provides: `ip`/`ss` (iproute2),
-/// `bpftool`, `setpriv`; QEMU, a static busybox and cpio for `vm-test`'s guests; `ping`, the wire
-/// source's ground truth.
+/// Debian packages the tests and the benchmark call, each with a command it provides:
+/// `ip`/`ss` (iproute2), `bpftool`, `setpriv`; QEMU, a static busybox and cpio for
+/// `vm-test`'s guests; `ping`, the wire source's ground truth; Prometheus and promtool for
+/// the exposition tests; for the benchmark's peers
+/// `clang`, `bpftrace`, and libbpf and libelf for the C peer to link with (libraries, no
+/// command of their own: they are checked through `clang`, which compiles against them).
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
     ("bpftool", "bpftool"),
@@ -18,6 +21,11 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("busybox-static", "busybox"),
     ("cpio", "cpio"),
     ("iputils-ping", "ping"),
+    ("clang", "clang"),
+    ("libbpf-dev", "clang"),
+    ("libelf-dev", "clang"),
+    ("bpftrace", "bpftrace"),
+    ("prometheus", "promtool"),
 ];
 
 impl Project {

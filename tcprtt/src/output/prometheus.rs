@@ -31,7 +31,7 @@ use prometheus_client::{
     registry::Registry,
 };
 use tcprtt_common::{FINE_BUCKETS, LOG2_SLOTS, bucket_high};
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Semaphore};
 
 use crate::{
     histogram::Histogram,
@@ -303,23 +303,49 @@ async fn handle(
     }
 }
 
+/// Connections served at once. Each holds its encoded body until the client has read it
+/// all (22.6 MB with 10,000 series), so without a bound, clients that ask and never read
+/// grow tcprtt's memory until it is killed. Connections beyond it are closed at once
+/// rather than queued: a scraper never waits behind bodies encoded for clients long gone.
+const MAX_CONNECTIONS: usize = 8;
+
+/// After this long a connection ends, keep-alive or not, so that one whose client stalls
+/// (reading nothing, or idling between requests) gives its place back: a response under
+/// way is finished first, for at most [`LAST_RESPONSE`] more. Prometheus opens a new
+/// connection for its next scrape.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+const LAST_RESPONSE: Duration = Duration::from_secs(10);
+
 /// Accepts connections for as long as the runtime runs; each gets its own task, and a
-/// client that stalls is cut off by the header timeout.
+/// client that stalls is cut off by the header timeout or the connection lifetime.
 async fn serve(listener: TcpListener, published: Arc<Mutex<Arc<Snapshot>>>) {
+    let places = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             // Out of file descriptors, for instance: wait instead of spinning.
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        // Dropping the stream closes the connection.
+        let Ok(place) = Arc::clone(&places).try_acquire_owned() else {
+            continue;
+        };
         let published = Arc::clone(&published);
         tokio::spawn(async move {
             let service = service_fn(move |req| handle(req, Arc::clone(&published)));
-            let _ = http1::Builder::new()
+            let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+                .serve_connection(TokioIo::new(stream), service);
+            let mut connection = std::pin::pin!(connection);
+            if tokio::time::timeout(CONNECTION_LIFETIME, connection.as_mut())
+                .await
+                .is_err()
+            {
+                connection.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(LAST_RESPONSE, connection).await;
+            }
+            drop(place);
         });
     }
 }

@@ -1,38 +1,41 @@
-//! `cargo xtask bench`: what tcprtt costs the host, measured side by side with the floor
-//! (an empty program on the same hook) in the same run, and written to BENCHMARKS.md.
+//! `cargo xtask bench`: what tcprtt costs the host, measured in the same run as a C libbpf
+//! tool of the same design (`xtask/bench/c_peer`), bpftrace's one-liner and an empty
+//! program on the same hook, and written to BENCHMARKS.md.
 //!
 //! Absolute times on a shared 2-core VM drift from minute to minute, so every headline
-//! figure is a ratio of two things measured together, and each is the median of rounds
-//! that alternate between the things compared.
+//! figure is a ratio of two things measured in the same round, and each is the median of
+//! rounds that alternate between the things compared.
 //!
-//! `peers` holds the traffic and the tcprtt child, `runs` the phases that sample, and
-//! `report` turns the samples into BENCHMARKS.md.
+//! `cpeer` builds the C peer, `peers` holds the traffic and the tracer children, `kernel`
+//! what is read from the kernel, `runs` and `keys` the phases that sample, and `report`,
+//! `report_keys` and `report_memory` turn the samples into BENCHMARKS.md.
 
+mod cpeer;
+mod kernel;
+mod keys;
 mod peers;
 mod report;
+mod report_keys;
+mod report_memory;
 mod runs;
 
-use std::{fs, time::Duration};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 
-use crate::{Project, is_root};
+use crate::{Project, is_root, on_path};
 
-const ROUNDS: usize = 5;
-/// Round trips per cost sample: enough events (two per round trip) to average out the
-/// clock reads, little enough to keep a round near a second.
-const COST_ROUND_TRIPS: usize = 20_000;
-/// Length of one transactions-per-second sample, and how many pairs of samples: the
-/// per-window noise is a few percent, so it takes many short pairs for the median to
-/// settle within a fraction of the 2 % target.
-const TPS_WINDOW: Duration = Duration::from_millis(500);
-const TPS_PAIRS: usize = 20;
-/// tcprtt is idle once attached, but its start-up work (page faults, freeing the BTF it
-/// parsed) may still be settling when the attached line arrives.
+const ROUNDS: usize = 7;
+/// Round trips per cost sample: enough events (about two per round trip) to average out
+/// the clock reads, little enough to keep a sample near a second.
+const COST_ROUND_TRIPS: usize = 10_000;
+/// A tracer is idle once attached, but its start-up work (page faults, freeing what it
+/// parsed) may still be settling when it says so.
 const SETTLE: Duration = Duration::from_millis(50);
-const SCALE_ROUNDS: usize = 3;
-const SCALE_KEYS: u32 = 10_000;
-const TCPRTT_PROGRAM: &str = "tcprtt_tp_btf";
 const EMPTY_PROGRAM: &str = "tcprtt_empty";
 
 /// Median and spread of a set of samples.
@@ -46,6 +49,13 @@ struct Stat {
 fn stat(mut samples: Vec<f64>) -> Stat {
     samples.sort_by(f64::total_cmp);
     let n = samples.len();
+    if n == 0 {
+        return Stat {
+            median: f64::NAN,
+            min: f64::NAN,
+            max: f64::NAN,
+        };
+    }
     let median = if n % 2 == 1 {
         samples[n / 2]
     } else {
@@ -70,59 +80,131 @@ impl Stat {
     }
 }
 
-struct Mode {
-    name: &'static str,
-    args: &'static [&'static str],
-    /// Most the per-event cost may be, as a multiple of the empty program's.
-    target: f64,
+/// The tracers compared.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Tool {
+    Tcprtt,
+    C,
+    Bpftrace,
 }
 
-const MODES: [Mode; 3] = [
-    Mode {
-        name: "default (all traffic)",
-        args: &[],
-        target: 1.5,
-    },
-    Mode {
-        name: "`--by-raddr`",
-        args: &["--by-raddr"],
-        target: 2.0,
-    },
-    Mode {
-        name: "filters rejecting the traffic (`-A 203.0.113.0/24 -p 9`)",
-        args: &["-A", "203.0.113.0/24", "-p", "9"],
-        target: 2.0,
-    },
-];
+impl Tool {
+    fn name(self) -> &'static str {
+        match self {
+            Tool::Tcprtt => "tcprtt",
+            Tool::C => "C libbpf peer",
+            Tool::Bpftrace => "bpftrace",
+        }
+    }
+
+    fn ready(self) -> peers::Ready {
+        match self {
+            Tool::Tcprtt | Tool::C => peers::Ready {
+                line: "Tracing TCP RTT via ",
+                on_stdout: false,
+            },
+            Tool::Bpftrace => peers::Ready {
+                line: "Attaching ",
+                on_stdout: true,
+            },
+        }
+    }
+}
+
+/// Where the tracers are.
+struct Tools {
+    tcprtt: PathBuf,
+    c: PathBuf,
+}
+
+impl Tools {
+    fn start(&self, tool: Tool, args: &[String]) -> Result<peers::Tracer> {
+        let bin = match tool {
+            Tool::Tcprtt => &self.tcprtt,
+            Tool::C => &self.c,
+            Tool::Bpftrace => Path::new("bpftrace"),
+        };
+        peers::Tracer::start(bin, args, &tool.ready())
+    }
+}
+
+/// A mode: the same arguments for tcprtt and the C peer, and bpftrace's script where it
+/// has an equivalent.
+struct Mode {
+    name: String,
+    args: Vec<String>,
+    bpftrace: Option<&'static str>,
+}
+
+/// bpftrace's one-liner, and the same grouped by family and IPv4 remote address (the
+/// closest its tracepoint's `daddr`, a `sockaddr` in bytes, allows).
+const BPFTRACE_ALL: &str = "tracepoint:tcp:tcp_probe { @ = hist(args->srtt >> 3); }";
+const BPFTRACE_BY_RADDR: &str = "tracepoint:tcp:tcp_probe { @[args->family, args->daddr[4], \
+     args->daddr[5], args->daddr[6], args->daddr[7]] = hist(args->srtt >> 3); }";
+
+fn modes(server_port: u16) -> Vec<Mode> {
+    let mode = |name: &str, args: &[&str], bpftrace| Mode {
+        name: name.to_string(),
+        args: args.iter().map(|a| a.to_string()).collect(),
+        bpftrace,
+    };
+    let port = server_port.to_string();
+    vec![
+        mode("default (one histogram)", &[], Some(BPFTRACE_ALL)),
+        mode("`-b` (by local address)", &["-b"], None),
+        mode("`-B` (by remote address)", &["-B"], Some(BPFTRACE_BY_RADDR)),
+        mode("`--by-flow`", &["--by-flow"], None),
+        mode(
+            "filter accepting (`-A 127.0.0.1 -p <server port>`)",
+            &["-A", "127.0.0.1", "-p", &port],
+            None,
+        ),
+        mode(
+            "filter rejecting (`-A 203.0.113.0/24 -p 9`)",
+            &["-A", "203.0.113.0/24", "-p", "9"],
+            None,
+        ),
+    ]
+}
 
 pub fn run(project: &Project) -> Result<()> {
+    let began = Instant::now();
     project.setup()?;
     project.build_release()?;
     ensure!(
         is_root(),
         "the benchmark loads eBPF programs: run `cargo xtask bench` as root"
     );
-    let bin = project.release_bin();
-    let object = runs::newest_object(&project.root)?;
-    let stale = crate::tcprtt_programs();
-    if !stale.is_empty() {
-        bail!(
-            "tcprtt programs are already loaded ({}); stop them before benchmarking",
-            stale.join(", ")
-        );
-    }
-    let placements = peers::placements()?;
+    ensure!(
+        on_path("bpftrace"),
+        "`bpftrace` is not on PATH: run `cargo xtask setup` as root"
+    );
+    let tools = Tools {
+        tcprtt: project.release_bin(),
+        c: cpeer::build(&project.root)?,
+    };
+    let object = kernel::newest_object(&project.root)?;
+    let _tracefs = kernel::Tracefs::ensure()?;
     let load_average = fs::read_to_string("/proc/loadavg").context("reading /proc/loadavg")?;
+    let server = peers::echo_server()?;
+    let modes = modes(server.port());
 
-    eprintln!("bench: in-kernel cost per event ({ROUNDS} rounds per mode, alternating)");
-    let (cost, verified) = runs::cost(&bin, &object, &placements)?;
-    eprintln!("bench: transactions per second with and without tcprtt ({TPS_PAIRS} pairs)");
-    let tps = runs::tps(&bin, &placements)?;
-    eprintln!("bench: start-up, shut-down and memory ({ROUNDS} rounds)");
-    let lifecycle = runs::lifecycle(&bin, &placements[0])?;
-    eprintln!("bench: {SCALE_KEYS} remote addresses with --by-raddr ({SCALE_ROUNDS} rounds)");
-    let scale = runs::scale(&bin, &placements[0])?;
-    runs::ensure_unloaded()?;
+    eprintln!("bench: in-kernel cost per event ({ROUNDS} rounds, tracers alternating)");
+    let cost = runs::cost(&tools, &object, &modes, server)?;
+    eprintln!("bench: start-up and peak RSS ({ROUNDS} rounds, alternating)");
+    let lifecycle = runs::lifecycle(&tools, server)?;
+    eprintln!(
+        "bench: first event of a new key and map memory ({} keys)",
+        keys::NEW_KEYS
+    );
+    let new_keys = keys::new_keys(&tools)?;
+    eprintln!(
+        "bench: {} new keys a second for {} s",
+        keys::SUSTAINED_RATE * 2,
+        keys::SUSTAINED.as_secs()
+    );
+    let sustained = keys::sustained(&tools)?;
+    kernel::ensure_unloaded(&peers::held_programs())?;
 
     let markdown = report::render(&report::Results {
         load_average: load_average
@@ -130,18 +212,12 @@ pub fn run(project: &Project) -> Result<()> {
             .take(3)
             .collect::<Vec<_>>()
             .join(" "),
-        placements: placements.iter().map(|p| p.name).collect(),
-        cost: cost
-            .into_iter()
-            .map(|per_placement| per_placement.into_iter().map(Into::into).collect())
-            .collect(),
-        verified,
-        tps: tps.into_iter().map(Into::into).collect(),
-        startup: stat(lifecycle.startup),
-        shutdown: stat(lifecycle.shutdown),
-        rss: stat(lifecycle.rss),
-        memory: lifecycle.memory,
-        scale: scale.into(),
+        modes: &modes,
+        cost,
+        lifecycle,
+        new_keys,
+        sustained,
+        took: began.elapsed(),
     })?;
     fs::write(project.root.join("BENCHMARKS.md"), &markdown).context("writing BENCHMARKS.md")?;
     print!("{markdown}");

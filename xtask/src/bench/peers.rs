@@ -1,5 +1,5 @@
-//! The benchmark's moving parts: the echo server and its placements on the CPUs, the
-//! ping-pong and many-address clients, and tcprtt itself as a child process.
+//! The benchmark's moving parts: the echo servers, the ping-pong and many-key clients, and
+//! a tracer (tcprtt, the C peer or bpftrace) as a child process.
 
 use std::{
     collections::BTreeSet,
@@ -7,18 +7,23 @@ use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     path::Path,
-    process::{Child, Command, Stdio},
-    sync::Mutex,
-    thread,
+    process::{Child, ChildStdout, Command, Stdio},
+    sync::{
+        Mutex,
+        mpsc::{self, Receiver},
+    },
+    thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, anyhow, ensure};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use rustix::{
     process::{Pid, Signal, kill_process},
     thread::{CpuSet, sched_setaffinity},
 };
 use socket2::{Domain, Socket, Type};
+
+use super::SETTLE;
 
 /// Keeps the calling thread on one CPU: a ping-pong whose two ends migrate between CPUs
 /// varies by tens of percent from run to run on a 2-core VM; pinned, it is steady.
@@ -29,31 +34,10 @@ fn pin_to(cpu: usize) {
     let _ = sched_setaffinity(None, &set);
 }
 
-/// Where the two ends of the ping-pong run. The client is always on CPU 0.
-pub struct Placement {
-    pub name: &'static str,
-    pub server: SocketAddr,
-}
-
-/// Across CPUs every message is a cross-CPU wake-up, and the receiving socket was last
-/// written on the other CPU, so the program's first read of it misses the cache. On one
-/// CPU the socket is cached and a transaction takes a few microseconds: the worst case
-/// for the relative overhead.
-pub fn placements() -> Result<[Placement; 2]> {
-    Ok([
-        Placement {
-            name: "two CPUs",
-            server: echo_server(1)?,
-        },
-        Placement {
-            name: "one CPU",
-            server: echo_server(0)?,
-        },
-    ])
-}
-
-/// A one-byte echo server on 127.0.0.1, one thread per connection, on the given CPU.
-fn echo_server(cpu: usize) -> Result<SocketAddr> {
+/// A one-byte echo server on 127.0.0.1, one thread per connection pinned to CPU 1, so
+/// that every message of a ping-pong from CPU 0 is a cross-CPU wake-up, as between a
+/// client and a server on a real host.
+pub fn echo_server() -> Result<SocketAddr> {
     let listener =
         TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding the echo server")?;
     let addr = listener.local_addr()?;
@@ -61,7 +45,7 @@ fn echo_server(cpu: usize) -> Result<SocketAddr> {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { break };
             thread::spawn(move || {
-                pin_to(cpu);
+                pin_to(1);
                 let _ = conn.set_nodelay(true);
                 let mut byte = [0u8; 1];
                 while conn.read_exact(&mut byte).is_ok() && conn.write_all(&byte).is_ok() {}
@@ -71,9 +55,34 @@ fn echo_server(cpu: usize) -> Result<SocketAddr> {
     Ok(addr)
 }
 
+/// An echo server for short connections: two threads that each accept, answer one byte
+/// and wait for the client's reset. A thread per connection could not keep up with
+/// thousands of connections a second.
+pub fn one_shot_server(ip: Ipv4Addr) -> Result<SocketAddr> {
+    let listener = TcpListener::bind((ip, 0)).context("binding the one-shot server")?;
+    let addr = listener.local_addr()?;
+    for _ in 0..2 {
+        let listener = listener
+            .try_clone()
+            .context("sharing the one-shot listener")?;
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { break };
+                let mut byte = [0u8; 1];
+                if conn.read_exact(&mut byte).is_ok() && conn.write_all(&byte).is_ok() {
+                    let _ = conn.read(&mut byte);
+                }
+            }
+        });
+    }
+    Ok(addr)
+}
+
 fn connect(local: Ipv4Addr, server: SocketAddr) -> Result<TcpStream> {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, None).context("client socket")?;
     socket.set_tcp_nodelay(true)?;
+    // Closing with a reset leaves no TIME_WAIT socket behind, however many connections.
+    socket.set_linger(Some(Duration::ZERO))?;
     socket
         .bind(&SocketAddr::new(local.into(), 0).into())
         .with_context(|| format!("binding the client to {local}"))?;
@@ -83,37 +92,51 @@ fn connect(local: Ipv4Addr, server: SocketAddr) -> Result<TcpStream> {
     Ok(socket.into())
 }
 
-/// One-byte ping-pong from a thread on CPU 0: `count` round trips, or as many as fit in
-/// `window`. Returns the round trips done per second.
-pub fn ping_pong(server: SocketAddr, count: usize, window: Duration) -> Result<f64> {
-    thread::spawn(move || ping_pong_here(server, count, window))
-        .join()
-        .map_err(|_| anyhow!("ping-pong thread panicked"))?
+/// One-byte ping-pong from a thread on CPU 0: `count` round trips.
+pub fn ping_pong(server: SocketAddr, count: usize) -> Result<()> {
+    thread::spawn(move || -> Result<()> {
+        pin_to(0);
+        let mut stream = connect(Ipv4Addr::LOCALHOST, server)?;
+        let mut byte = [1u8];
+        for _ in 0..count {
+            stream.write_all(&byte)?;
+            stream.read_exact(&mut byte)?;
+        }
+        Ok(())
+    })
+    .join()
+    .map_err(|_| anyhow!("ping-pong thread panicked"))?
 }
 
-fn ping_pong_here(server: SocketAddr, count: usize, window: Duration) -> Result<f64> {
-    pin_to(0);
-    let mut stream = connect(Ipv4Addr::LOCALHOST, server)?;
-    let mut byte = [1u8];
+/// The address of the `i`-th distinct client, from 127.1.0.1 on (client 9,000,000 is
+/// 127.145.0.1), avoiding the .0 and .255 host parts.
+fn client_addr(i: u32) -> Ipv4Addr {
+    let [a, b, c] = [1 + i / 62_500, (i / 250) % 250, i % 250 + 1];
+    Ipv4Addr::new(127, a as u8, b as u8, c as u8)
+}
+
+/// Connections from clients `first..first + count` (each its own address), one round trip
+/// each, from two threads, at most `rate` connections a second in all (`None`: as fast as
+/// they go). Returns the connections made per second.
+pub fn clients(server: SocketAddr, first: u32, count: u32, rate: Option<f64>) -> Result<f64> {
     let start = Instant::now();
-    let mut done = 0;
-    while done < count && start.elapsed() < window {
-        stream.write_all(&byte)?;
-        stream.read_exact(&mut byte)?;
-        done += 1;
-    }
-    Ok(done as f64 / start.elapsed().as_secs_f64())
-}
-
-/// One connection and one round trip from each of `keys` distinct client addresses in
-/// 127.1.0.0/16.
-pub fn many_clients(server: SocketAddr, keys: u32) -> Result<()> {
     let workers: Vec<_> = (0..2)
         .map(|worker| {
             thread::spawn(move || -> Result<()> {
-                for i in (worker..keys).step_by(2) {
-                    let local = Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250 + 1) as u8);
-                    let mut s = connect(local, server)?;
+                let gap = rate.map(|r| Duration::from_secs_f64(2.0 / r));
+                let mut next = Instant::now();
+                for i in (first + worker..first + count).step_by(2) {
+                    if let Some(gap) = gap {
+                        let now = Instant::now();
+                        if next > now {
+                            thread::sleep(next - now);
+                        }
+                        // A worker that falls behind catches up by at most 5 ms, so no
+                        // one second ever sees much more than `rate` new keys.
+                        let floor = now.checked_sub(Duration::from_millis(5)).unwrap_or(now);
+                        next = next.max(floor) + gap;
+                    }
+                    let mut s = connect(client_addr(i), server)?;
                     let mut byte = [1u8];
                     s.write_all(&byte)?;
                     s.read_exact(&mut byte)?;
@@ -125,10 +148,10 @@ pub fn many_clients(server: SocketAddr, keys: u32) -> Result<()> {
     for w in workers {
         w.join().map_err(|_| anyhow!("client thread panicked"))??;
     }
-    Ok(())
+    Ok(f64::from(count) / start.elapsed().as_secs_f64())
 }
 
-/// Ids of the BPF programs every stopped tracer held, to check at the end that the kernel
+/// Ids of the programs every stopped tracer held, to check at the end that the kernel
 /// freed them all.
 static HELD: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
 
@@ -136,15 +159,26 @@ pub fn held_programs() -> BTreeSet<u32> {
     HELD.lock().map(|h| h.clone()).unwrap_or_default()
 }
 
-/// A running tcprtt, attached.
+/// How a tracer says it is attached: the start of a line on stderr, or on stdout.
+pub struct Ready {
+    pub line: &'static str,
+    pub on_stdout: bool,
+}
+
+/// A running tracer, attached.
 pub struct Tracer {
     child: Child,
-    /// Time from exec to the "Tracing TCP RTT via" line.
+    /// Time from exec to its ready line.
     pub startup: Duration,
+    /// Its program on the hook, as the kernel numbers it.
+    pub prog_id: u32,
+    /// Its standard output, a line at a time.
+    pub lines: Receiver<String>,
+    stderr: Option<JoinHandle<String>>,
 }
 
 impl Tracer {
-    pub fn start(bin: &Path, args: &[&str]) -> Result<Self> {
+    pub fn start(bin: &Path, args: &[String], ready: &Ready) -> Result<Self> {
         let started = Instant::now();
         let mut child = Command::new(bin)
             .args(args)
@@ -152,45 +186,33 @@ impl Tracer {
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
-        let stderr = child.stderr.take().context("tcprtt's stderr")?;
-        let mut lines = BufReader::new(stderr).lines();
-        let line = lines.next().context("tcprtt exited before attaching")??;
-        let startup = started.elapsed();
-        ensure!(
-            line.starts_with("Tracing TCP RTT via "),
-            "tcprtt said: {line}"
-        );
-        // Keep draining stderr so tcprtt never blocks on it.
-        thread::spawn(move || lines.for_each(drop));
-        Ok(Self { child, startup })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Ids of the BPF programs it holds (its program and link file descriptors say),
-    /// which tell its programs from those of any other tcprtt running on the host.
-    pub fn program_ids(&self) -> Result<BTreeSet<u32>> {
-        let dir = format!("/proc/{}/fdinfo", self.pid());
-        let mut ids = BTreeSet::new();
-        for entry in fs::read_dir(&dir).with_context(|| format!("listing {dir}"))? {
-            // A descriptor closed meanwhile has nothing to say.
-            let Ok(info) = fs::read_to_string(entry?.path()) else {
-                continue;
-            };
-            ids.extend(
-                info.lines()
-                    .filter_map(|l| l.strip_prefix("prog_id:"))
-                    .filter_map(|id| id.trim().parse::<u32>().ok()),
-            );
+        let name = bin.file_name().unwrap_or_default().to_string_lossy();
+        match attached(&mut child, ready, &name) {
+            Ok((lines, stderr)) => {
+                let mut tracer = Self {
+                    child,
+                    startup: started.elapsed(),
+                    prog_id: 0,
+                    lines,
+                    stderr: Some(stderr),
+                };
+                // On an error the tracer is dropped, which ends the child.
+                tracer.prog_id = tracing_program(tracer.child.id())?;
+                thread::sleep(SETTLE);
+                Ok(tracer)
+            }
+            Err(e) => {
+                // A child that never attached would otherwise live on after us.
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(e)
+            }
         }
-        Ok(ids)
     }
 
     /// Peak resident set size so far, in KiB.
     pub fn peak_rss_kib(&self) -> Result<u64> {
-        let path = format!("/proc/{}/status", self.pid());
+        let path = format!("/proc/{}/status", self.child.id());
         let status = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
         status
             .lines()
@@ -199,26 +221,31 @@ impl Tracer {
             .with_context(|| format!("no VmHWM in {path}"))
     }
 
-    /// SIGINT, then the report and the time from the signal to exit.
-    pub fn stop(mut self) -> Result<(String, Duration)> {
-        let mut stdout = self.child.stdout.take().context("tcprtt's stdout")?;
-        let reader = thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stdout.read_to_string(&mut s);
-            s
-        });
-        let ids = self.program_ids()?;
+    /// SIGINT, then what it printed on stdout since `lines` was last read.
+    pub fn stop(mut self) -> Result<String> {
         if let Ok(mut held) = HELD.lock() {
-            held.extend(ids);
+            held.insert(self.prog_id);
         }
-        let signalled = Instant::now();
         // Our own child, not yet waited for, so the pid is still its.
         kill_process(Pid::from_child(&self.child), Signal::INT)
-            .context("sending SIGINT to tcprtt")?;
-        let status = self.child.wait().context("waiting for tcprtt")?;
-        let took = signalled.elapsed();
-        ensure!(status.success(), "tcprtt exited with {status}");
-        Ok((reader.join().unwrap_or_default(), took))
+            .context("sending SIGINT to the tracer")?;
+        let status = self.child.wait().context("waiting for the tracer")?;
+        let mut out = String::new();
+        for line in self.lines.iter() {
+            out.push_str(&line);
+            out.push('\n');
+        }
+        let stderr = self
+            .stderr
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default();
+        ensure!(
+            status.success(),
+            "the tracer exited with {status}: {}",
+            stderr.trim()
+        );
+        Ok(out)
     }
 }
 
@@ -229,4 +256,100 @@ impl Drop for Tracer {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Waits for the ready line, then keeps reading both streams: stdout a line at a time,
+/// stderr into one string.
+fn attached(
+    child: &mut Child,
+    ready: &Ready,
+    name: &str,
+) -> Result<(Receiver<String>, JoinHandle<String>)> {
+    let mut stdout = BufReader::new(child.stdout.take().context("the tracer's stdout")?);
+    let mut stderr = BufReader::new(child.stderr.take().context("the tracer's stderr")?);
+    if ready.on_stdout {
+        wait_for(&mut stdout, ready.line, name)?;
+    } else {
+        wait_for(&mut stderr, ready.line, name)?;
+    }
+    let (tx, lines) = mpsc::channel();
+    forward(stdout, tx);
+    Ok((lines, thread::spawn(move || read_all(stderr))))
+}
+
+/// Reads lines until one starts with `ready`; what came before it is the error if the
+/// stream ends first.
+fn wait_for(stream: &mut impl BufRead, ready: &str, name: &str) -> Result<()> {
+    let mut seen = Vec::new();
+    loop {
+        let mut line = String::new();
+        if stream.read_line(&mut line)? == 0 {
+            bail!("{name} exited before attaching: {}", seen.join(" / "));
+        }
+        if line.starts_with(ready) {
+            return Ok(());
+        }
+        seen.push(line.trim().to_string());
+    }
+}
+
+fn read_all(mut stream: impl Read) -> String {
+    let mut s = String::new();
+    let _ = stream.read_to_string(&mut s);
+    s
+}
+
+/// Keeps reading stdout so the tracer never blocks on a full pipe.
+fn forward(stdout: BufReader<ChildStdout>, tx: mpsc::Sender<String>) {
+    thread::spawn(move || {
+        for line in stdout.lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+/// The id of the one tracing program (tp_btf, fentry or classic tracepoint) that process
+/// `pid` holds, waiting up to 5 s for it to appear. Found through the process's file
+/// descriptors, so other tracers running on the host do not matter.
+fn tracing_program(pid: u32) -> Result<u32> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let ids = program_ids(pid)?;
+        match ids.as_slice() {
+            [id] => return Ok(*id),
+            [] if Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
+            [] => bail!("process {pid} holds no tracing program after 5 s"),
+            more => bail!("process {pid} holds several tracing programs: {more:?}"),
+        }
+    }
+}
+
+/// Ids of the tracing programs among a process's file descriptors.
+fn program_ids(pid: u32) -> Result<Vec<u32>> {
+    /// BPF_PROG_TYPE_TRACEPOINT, BPF_PROG_TYPE_RAW_TRACEPOINT, BPF_PROG_TYPE_TRACING.
+    const TRACING_TYPES: [&str; 3] = ["5", "17", "26"];
+    let dir = format!("/proc/{pid}/fd");
+    let mut ids = Vec::new();
+    for entry in fs::read_dir(&dir).with_context(|| format!("listing {dir}"))? {
+        let entry = entry?;
+        if fs::read_link(entry.path()).is_ok_and(|l| l.as_os_str() == "anon_inode:bpf-prog") {
+            let info = format!("/proc/{pid}/fdinfo/{}", entry.file_name().to_string_lossy());
+            let text = fs::read_to_string(&info).with_context(|| format!("reading {info}"))?;
+            let field = |name: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(str::trim)
+            };
+            if field("prog_type:").is_some_and(|t| TRACING_TYPES.contains(&t))
+                && let Some(id) = field("prog_id:").and_then(|i| i.parse().ok())
+                && !ids.contains(&id)
+            {
+                ids.push(id);
+            }
+        }
+    }
+    Ok(ids)
 }
