@@ -305,8 +305,9 @@ fn attach_all(ebpf: &mut Ebpf, ifaces: &[Iface], mode: TcMode) -> Result<Attachm
             }
             if direction == TcAttachType::Ingress {
                 let stale = remove_stale_filters(iface)?;
-                // A qdisc that held only a killed run's filters is ours to remove too.
-                let ours = !stale.is_empty();
+                // A qdisc that holds only tcprtt's filters (a killed run's, or another
+                // running tcprtt's) is tcprtt's: whichever run ends last removes it.
+                let ours = !stale.is_empty() || holds_only_our_filters(iface)?;
                 out.removed_stale.extend(stale);
                 match tc::qdisc_add_clsact(&iface.name) {
                     Ok(()) => out.added_clsact.push(iface.index),
@@ -769,6 +770,23 @@ fn remove_stale_filters(iface: &Iface) -> Result<Vec<String>> {
         }
     }
     Ok(removed)
+}
+
+/// Whether every filter on the interface's clsact hooks is one of tcprtt's, and there is at
+/// least one.
+fn holds_only_our_filters(iface: &Iface) -> Result<bool> {
+    let mut any = false;
+    for direction in [TcAttachType::Ingress, TcAttachType::Egress] {
+        let filters = list_filters(iface.index, direction)
+            .with_context(|| format!("listing the TC filters of {}", iface.name))?;
+        for filter in filters {
+            if !OUR_FILTERS.contains(&filter.name.as_str()) {
+                return Ok(false);
+            }
+            any = true;
+        }
+    }
+    Ok(any)
 }
 
 /// Ids of the BPF programs some process holds a descriptor of.
