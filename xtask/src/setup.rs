@@ -11,7 +11,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// `ip`/`ss` (iproute2), `bpftool`, `setpriv`; QEMU, a static busybox and cpio for
 /// `vm-test`'s guests; `ping`, the wire source's ground truth; Prometheus and promtool for
 /// the exposition tests; for the benchmark's peers
-/// `clang`, `bpftrace`, and libbpf and libelf for the C peer to link with (libraries, no
+/// `clang`, `bpftrace`, `iperf3` (the wire source's bulk transfer), and libbpf and libelf for the C peer to link with (libraries, no
 /// command of their own: they are checked through `clang`, which compiles against them).
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
@@ -25,6 +25,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("libbpf-dev", "clang"),
     ("libelf-dev", "clang"),
     ("bpftrace", "bpftrace"),
+    ("iperf3", "iperf3"),
     ("prometheus", "promtool"),
 ];
 

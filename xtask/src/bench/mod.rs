@@ -7,8 +7,9 @@
 //! rounds that alternate between the things compared.
 //!
 //! `cpeer` builds the C peer, `peers` holds the traffic and the tracer children, `kernel`
-//! what is read from the kernel, `runs` and `keys` the phases that sample, and `report`,
-//! `report_keys` and `report_memory` turn the samples into BENCHMARKS.md.
+//! what is read from the kernel, `runs`, `keys` and `wire` the phases that sample, and
+//! `report`, `report_keys`, `report_memory` and `report_wire` turn the samples into
+//! BENCHMARKS.md.
 
 mod cpeer;
 mod kernel;
@@ -17,7 +18,9 @@ mod peers;
 mod report;
 mod report_keys;
 mod report_memory;
+mod report_wire;
 mod runs;
+mod wire;
 
 use std::{
     fs,
@@ -204,6 +207,12 @@ pub fn run(project: &Project) -> Result<()> {
         keys::SUSTAINED.as_secs()
     );
     let sustained = keys::sustained(&tools)?;
+    ensure!(
+        on_path("iperf3"),
+        "`iperf3` is not on PATH: run `cargo xtask setup` as root"
+    );
+    eprintln!("bench: wire source on a veth pair ({ROUNDS} rounds, iperf3)");
+    let wire = wire::wire(&tools.tcprtt, &object)?;
     kernel::ensure_unloaded(&peers::held_programs())?;
 
     let markdown = report::render(&report::Results {
@@ -217,6 +226,7 @@ pub fn run(project: &Project) -> Result<()> {
         lifecycle,
         new_keys,
         sustained,
+        wire,
         took: began.elapsed(),
     })?;
     fs::write(project.root.join("BENCHMARKS.md"), &markdown).context("writing BENCHMARKS.md")?;

@@ -260,7 +260,7 @@ impl Drop for Tracer {
 
 /// Waits for the ready line, then keeps reading both streams: stdout a line at a time,
 /// stderr into one string.
-fn attached(
+pub fn attached(
     child: &mut Child,
     ready: &Ready,
     name: &str,
@@ -317,7 +317,7 @@ fn forward(stdout: BufReader<ChildStdout>, tx: mpsc::Sender<String>) {
 fn tracing_program(pid: u32) -> Result<u32> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let ids = program_ids(pid)?;
+        let ids = program_ids(pid, &TRACING_TYPES)?;
         match ids.as_slice() {
             [id] => return Ok(*id),
             [] if Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
@@ -327,10 +327,12 @@ fn tracing_program(pid: u32) -> Result<u32> {
     }
 }
 
-/// Ids of the tracing programs among a process's file descriptors.
-fn program_ids(pid: u32) -> Result<Vec<u32>> {
-    /// BPF_PROG_TYPE_TRACEPOINT, BPF_PROG_TYPE_RAW_TRACEPOINT, BPF_PROG_TYPE_TRACING.
-    const TRACING_TYPES: [&str; 3] = ["5", "17", "26"];
+/// BPF_PROG_TYPE_TRACEPOINT, BPF_PROG_TYPE_RAW_TRACEPOINT, BPF_PROG_TYPE_TRACING.
+const TRACING_TYPES: [&str; 3] = ["5", "17", "26"];
+
+/// Ids of the programs of these types (`prog_type` in fdinfo) among a process's file
+/// descriptors.
+pub fn program_ids(pid: u32, types: &[&str]) -> Result<Vec<u32>> {
     let dir = format!("/proc/{pid}/fd");
     let mut ids = Vec::new();
     for entry in fs::read_dir(&dir).with_context(|| format!("listing {dir}"))? {
@@ -343,7 +345,7 @@ fn program_ids(pid: u32) -> Result<Vec<u32>> {
                     .find_map(|l| l.strip_prefix(name))
                     .map(str::trim)
             };
-            if field("prog_type:").is_some_and(|t| TRACING_TYPES.contains(&t))
+            if field("prog_type:").is_some_and(|t| types.contains(&t))
                 && let Some(id) = field("prog_id:").and_then(|i| i.parse().ok())
                 && !ids.contains(&id)
             {

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use super::{
     COST_ROUND_TRIPS, EMPTY_PROGRAM, Mode, ROUNDS, Stat, Tool,
     keys::{KeyCost, Sustained},
-    report_keys, report_memory,
+    report_keys, report_memory, report_wire,
     runs::{Lifecycle, ModeCost, ToolCost},
     stat,
 };
@@ -21,6 +21,7 @@ pub struct Results<'a> {
     pub lifecycle: Vec<(Tool, Lifecycle)>,
     pub new_keys: Vec<(Tool, KeyCost)>,
     pub sustained: Sustained,
+    pub wire: super::wire::WireResults,
     pub took: Duration,
 }
 
@@ -59,6 +60,7 @@ pub fn render(r: &Results) -> Result<String> {
     report_memory::memory(&mut md, &r.new_keys, &mut missed)?;
     report_keys::sustained(&mut md, &r.sustained, &mut missed);
     lifecycle(&mut md, &r.lifecycle, &mut missed);
+    report_wire::wire(&mut md, &r.wire, &mut missed);
     md.push_str("\n## Targets missed\n\n");
     if missed.is_empty() {
         md.push_str("None.\n");
