@@ -34,6 +34,11 @@ pub const EMPTY_TC_PROGRAM: &str = "tcprtt_wire_empty";
 /// Seconds of bulk transfer per per-packet cost sample and per throughput sample.
 pub const COST_SECONDS: u32 = 1;
 pub const THROUGHPUT_SECONDS: u32 = 2;
+/// Throughput pairs: more than the cost rounds, as a 2 s transfer on a shared machine
+/// moves by tens of percent from one run to the next.
+pub const THROUGHPUT_PAIRS: usize = 11;
+/// The unit of utime and stime in /proc/PID/stat, fixed by Linux's ABI.
+const USER_HZ: f64 = 100.0;
 /// BPF_PROG_TYPE_SCHED_CLS.
 const SCHED_CLS: [&str; 1] = ["3"];
 
@@ -49,6 +54,9 @@ pub struct WireResults {
     /// iperf3's received bit rate without tcprtt, and with it, in bit/s.
     pub without: Vec<f64>,
     pub with: Vec<f64>,
+    /// tcprtt's own CPU time (user and system) during each transfer with it, in percent of
+    /// one CPU.
+    pub tcprtt_cpu: Vec<f64>,
 }
 
 /// Two network namespaces joined by a veth pair; deleted on drop, which also deletes the
@@ -224,6 +232,26 @@ impl Passive {
         })
     }
 
+    /// CPU seconds (user and system) the process has used so far.
+    fn cpu_seconds(&self) -> Result<f64> {
+        let path = format!("/proc/{}/stat", self.child.id());
+        let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        // Fields after the command name, which may hold spaces: state is the first,
+        // utime the twelfth and stime the thirteenth.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks = |i: usize| -> Result<f64> {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .map(|t| t as f64 / USER_HZ)
+                .with_context(|| format!("no CPU times in {path}"))
+        };
+        Ok(ticks(11)? + ticks(12)?)
+    }
+
     fn stop(mut self) -> Result<()> {
         kill_process(Pid::from_child(&self.child), Signal::INT)
             .context("sending SIGINT to tcprtt")?;
@@ -315,12 +343,16 @@ pub fn wire(tcprtt: &Path, object: &Path) -> Result<WireResults> {
             r.packets.push((ours1.1 - ours0.1) as f64);
         }
     }
-    for round in 0..ROUNDS {
-        for with in [round % 2 == 1, round % 2 == 0] {
+    for pair in 0..THROUGHPUT_PAIRS {
+        for with in [pair % 2 == 1, pair % 2 == 0] {
             if with {
                 let passive = Passive::start(&ns, tcprtt)?;
                 held.extend(passive.ids.iter().copied());
+                let (cpu0, began) = (passive.cpu_seconds()?, Instant::now());
                 r.with.push(iperf(&ns, THROUGHPUT_SECONDS)?);
+                let cpu = passive.cpu_seconds()? - cpu0;
+                r.tcprtt_cpu
+                    .push(cpu / began.elapsed().as_secs_f64() * 100.0);
                 passive.stop()?;
             } else {
                 r.without.push(iperf(&ns, THROUGHPUT_SECONDS)?);
