@@ -51,6 +51,8 @@ pub struct WireResults {
     pub floor: Vec<f64>,
     /// Packets (program runs, ingress and egress) per cost sample.
     pub packets: Vec<f64>,
+    /// Seconds between the two readings of a cost sample.
+    pub seconds: Vec<f64>,
     /// iperf3's received bit rate without tcprtt, and with it, in bit/s.
     pub without: Vec<f64>,
     pub with: Vec<f64>,
@@ -335,8 +337,10 @@ pub fn wire(tcprtt: &Path, object: &Path) -> Result<WireResults> {
             let passive = Passive::start(&ns, tcprtt)?;
             held.extend(passive.ids.iter().copied());
             let (ours0, floor0) = (passive.stats()?, kernel::program_stats(empty_id)?);
+            let began = Instant::now();
             iperf(&ns, COST_SECONDS)?;
             let (ours1, floor1) = (passive.stats()?, kernel::program_stats(empty_id)?);
+            r.seconds.push(began.elapsed().as_secs_f64());
             passive.stop()?;
             r.ns.push(kernel::per_run(ours0, ours1)?);
             r.floor.push(kernel::per_run(floor0, floor1)?);
