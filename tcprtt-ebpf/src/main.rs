@@ -131,7 +131,13 @@ fn count_failure(result: Result<(), Skip>) {
 
 #[inline(always)]
 fn bump(index: u32) {
-    if let Some(counter) = STATS.get_ptr_mut(index) {
+    bump_in(&STATS, index);
+}
+
+/// Adds one to counter `index` of a per-CPU counter array.
+#[inline(always)]
+fn bump_in(counters: &PerCpuArray<u64>, index: u32) {
+    if let Some(counter) = counters.get_ptr_mut(index) {
         // SAFETY: a per-CPU slot, only ever touched by this CPU with preemption disabled.
         unsafe { *counter += 1 };
     }

@@ -28,7 +28,7 @@ use tcprtt_common::{
 };
 
 use super::{
-    CONFIG, E2BIG, LADDRS, LPORTS, RADDRS, RPORTS, add_sample, add_to_all, count_failure,
+    CONFIG, E2BIG, LADDRS, LPORTS, RADDRS, RPORTS, add_sample, add_to_all, bump_in, count_failure,
     in_prefixes, mapped_v4,
 };
 
@@ -87,10 +87,7 @@ pub fn tcprtt_wire_empty(_ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn bump(index: u32) {
-    if let Some(counter) = WIRE_STATS.get_ptr_mut(index) {
-        // SAFETY: a per-CPU slot, only ever touched by this CPU with preemption disabled.
-        unsafe { *counter += 1 };
-    }
+    bump_in(&WIRE_STATS, index);
 }
 
 /// `a` is later than `b` in 32-bit sequence space (TCP sequence numbers and timestamps

@@ -546,6 +546,29 @@ mod frames {
         pub payload: usize,
     }
 
+    impl Seg {
+        /// A segment carrying the timestamps option `ts` (TSval, TSecr).
+        pub fn timed(
+            src: (IpAddr, u16),
+            dst: (IpAddr, u16),
+            seq: u32,
+            ack: u32,
+            flags: u8,
+            ts: (u32, u32),
+            payload: usize,
+        ) -> Self {
+            Self {
+                src,
+                dst,
+                seq,
+                ack,
+                flags,
+                ts: Some(ts),
+                payload,
+            }
+        }
+    }
+
     /// An Ethernet frame holding `seg`, tagged with `(tpid, vlan id)` when given. A SYN
     /// gets Linux's SYN option layout (MSS, SACK permitted, TS, NOP, window scale), other
     /// segments NOP, NOP, TS. `ipv6_hop_by_hop` inserts an extension header.
@@ -685,15 +708,7 @@ fn crafted_frames_vlan_tags_option_layouts_and_the_timing_rules() {
         ("198.51.100.91", "203.0.113.91", None),
     ] {
         let (c, s) = ((ip(c), 40_000), (ip(s), 80));
-        let seg = |src, dst, seq, ack, flags, ts, payload| Seg {
-            src,
-            dst,
-            seq,
-            ack,
-            flags,
-            ts: Some(ts),
-            payload,
-        };
+        let seg = Seg::timed;
         // Handshake: the SYN's TSval comes back on the SYN-ACK 20 ms later.
         out(&[frame(&seg(c, s, 0, 0, SYN, (100, 0), 0), tag, false)]);
         thread::sleep(ms(20));
@@ -798,15 +813,7 @@ fn filters_apply_to_the_side_that_sent_the_tsval_and_max_rtt_ages_out() {
     );
     let out = |frames: &[Vec<u8>]| in_ns(&client, || send("veth0", frames));
     let back = |frames: &[Vec<u8>]| in_ns(&server, || send("veth0", frames));
-    let seg = |src, dst, seq, ack, flags, ts, payload| Seg {
-        src,
-        dst,
-        seq,
-        ack,
-        flags,
-        ts: Some(ts),
-        payload,
-    };
+    let seg = Seg::timed;
     let f = |seg: &Seg| frame(seg, None, false);
 
     // IPv4: both samples (the client's SYN, the server's SYN-ACK) fall to -6.

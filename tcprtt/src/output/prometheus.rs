@@ -234,7 +234,8 @@ impl Wire {
 /// A snapshot in the requested format.
 fn encode(snapshot: Arc<Snapshot>, wire: Wire) -> String {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(ArcSnapshot(snapshot)));
+    // prometheus-client implements `Collector` for `Arc<T>`: the snapshot is not copied.
+    registry.register_collector(Box::new(snapshot));
     let mut out = String::new();
     let encoded = match wire {
         Wire::Prometheus => {
@@ -244,16 +245,6 @@ fn encode(snapshot: Arc<Snapshot>, wire: Wire) -> String {
     };
     encoded.expect("writing to a String cannot fail");
     out
-}
-
-/// A published snapshot, registered for one scrape.
-#[derive(Debug)]
-struct ArcSnapshot(Arc<Snapshot>);
-
-impl Collector for ArcSnapshot {
-    fn encode(&self, encoder: DescriptorEncoder) -> std::fmt::Result {
-        self.0.encode(encoder)
-    }
 }
 
 fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {

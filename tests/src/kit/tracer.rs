@@ -118,15 +118,22 @@ pub fn run_within(command: Command, limit: Duration) -> Finished {
     try_run_within(command, limit).unwrap_or_else(|why| panic!("{why}"))
 }
 
-/// The same, saying so (after killing the process) when it has not ended within `limit`.
-pub fn try_run_within(mut command: Command, limit: Duration) -> Result<Finished, String> {
+/// Starts `command` with no stdin and stdout and stderr on pipes; returns it and how it
+/// reads in messages.
+fn spawn_piped(command: &mut Command) -> (Child, String) {
     let what = format!("{command:?}");
-    let mut child = command
+    let child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("running {what}: {e}"));
+        .unwrap_or_else(|e| panic!("starting {what}: {e}"));
+    (child, what)
+}
+
+/// The same, saying so (after killing the process) when it has not ended within `limit`.
+pub fn try_run_within(mut command: Command, limit: Duration) -> Result<Finished, String> {
+    let (mut child, what) = spawn_piped(&mut command);
     let readers = [
         child.stdout.take().map(read_all),
         child.stderr.take().map(read_all),
@@ -217,13 +224,7 @@ impl Tracer {
                 }
             });
         }
-        let what = format!("{command:?}");
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {what}: {e}"));
+        let (mut child, what) = spawn_piped(&mut command);
         let mut out = child.stdout.take().expect("stdout");
         let stdout = if read_stdout {
             Stdout::Read(thread::spawn(move || {
