@@ -226,25 +226,12 @@ impl Tracer {
         if let Ok(mut held) = HELD.lock() {
             held.insert(self.prog_id);
         }
-        // Our own child, not yet waited for, so the pid is still its.
-        kill_process(Pid::from_child(&self.child), Signal::INT)
-            .context("sending SIGINT to the tracer")?;
-        let status = self.child.wait().context("waiting for the tracer")?;
+        interrupt_and_wait(&mut self.child, self.stderr.take(), "the tracer")?;
         let mut out = String::new();
         for line in self.lines.iter() {
             out.push_str(&line);
             out.push('\n');
         }
-        let stderr = self
-            .stderr
-            .take()
-            .and_then(|t| t.join().ok())
-            .unwrap_or_default();
-        ensure!(
-            status.success(),
-            "the tracer exited with {status}: {}",
-            stderr.trim()
-        );
         Ok(out)
     }
 }
@@ -354,4 +341,25 @@ pub fn program_ids(pid: u32, types: &[&str]) -> Result<Vec<u32>> {
         }
     }
     Ok(ids)
+}
+
+/// SIGINT to `child`, our own and not yet waited for (so the pid is still its), then its
+/// exit; one other than success is an error carrying what it said on stderr.
+pub fn interrupt_and_wait(
+    child: &mut Child,
+    stderr: Option<thread::JoinHandle<String>>,
+    what: &str,
+) -> Result<()> {
+    kill_process(Pid::from_child(child), Signal::INT)
+        .with_context(|| format!("sending SIGINT to {what}"))?;
+    let status = child
+        .wait()
+        .with_context(|| format!("waiting for {what}"))?;
+    let stderr = stderr.and_then(|t| t.join().ok()).unwrap_or_default();
+    ensure!(
+        status.success(),
+        "{what} exited with {status}: {}",
+        stderr.trim()
+    );
+    Ok(())
 }

@@ -17,10 +17,7 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
     programs::{LinkOrder, SchedClassifier, TcAttachType, tc::TcAttachOptions},
 };
-use rustix::{
-    process::{Pid, Signal, kill_process},
-    thread::{LinkNameSpaceType, move_into_link_name_space},
-};
+use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
 
 use super::{ROUNDS, SETTLE, kernel, peers};
 
@@ -255,20 +252,7 @@ impl Passive {
     }
 
     fn stop(mut self) -> Result<()> {
-        kill_process(Pid::from_child(&self.child), Signal::INT)
-            .context("sending SIGINT to tcprtt")?;
-        let status = self.child.wait().context("waiting for tcprtt")?;
-        let stderr = self
-            .stderr
-            .take()
-            .and_then(|t| t.join().ok())
-            .unwrap_or_default();
-        ensure!(
-            status.success(),
-            "tcprtt --passive exited with {status}: {}",
-            stderr.trim()
-        );
-        Ok(())
+        peers::interrupt_and_wait(&mut self.child, self.stderr.take(), "tcprtt --passive")
     }
 }
 
