@@ -186,7 +186,8 @@ impl ProbeConfig {
 
 /// Key of a histogram. Addresses are 16 bytes; IPv4 (and IPv4-mapped IPv6) addresses are
 /// stored as IPv4-mapped IPv6 (`::ffff:a.b.c.d`) so one LPM trie serves both families.
-/// Fields that the grouping does not use are zero.
+/// Fields that the grouping does not use are zero; the srtt programs leave `side` and
+/// `ifindex` at zero, the wire programs always set them (also without a grouping).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct HistKey {
@@ -196,12 +197,25 @@ pub struct HistKey {
     pub lport: u16,
     /// Remote port, host order.
     pub rport: u16,
-    /// Explicit padding, always zero.
-    pub reserved: u16,
+    /// Wire samples: the direction in which the timed TSval crossed the interface, one of
+    /// the [`side`] constants. 0 for the srtt source.
+    pub side: u16,
     /// Local address, network order.
     pub laddr: [u8; 16],
     /// Remote address, network order.
     pub raddr: [u8; 16],
+    /// Wire samples: the index of the interface the round trip was timed at (userspace
+    /// names it). 0 for the srtt source (no interface has index 0).
+    pub ifindex: u32,
+}
+
+/// Values of [`HistKey::side`].
+pub mod side {
+    /// The TSval left through the interface: the round trip is of the path beyond it.
+    pub const EGRESS: u16 = 1;
+    /// The TSval came in through the interface: the round trip is of the path on this
+    /// side of it (through the host, or the router, to the echoing end).
+    pub const INGRESS: u16 = 2;
 }
 
 /// How often userspace drains the histogram maps into its own 64-bit totals, at the
@@ -297,7 +311,7 @@ mod tests {
     fn shared_types_have_no_padding() {
         use core::mem::size_of;
         assert_eq!(size_of::<ProbeConfig>(), 12 * 4);
-        assert_eq!(size_of::<HistKey>(), 4 * 2 + 16 + 16);
+        assert_eq!(size_of::<HistKey>(), 4 * 2 + 16 + 16 + 4);
         assert_eq!(size_of::<HistValue>(), (FINE_BUCKETS + 1) * 4 + 4 * 8);
     }
 }

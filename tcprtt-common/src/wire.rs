@@ -1,9 +1,10 @@
 //! Types shared by the wire programs (TC hooks timing TCP timestamps on an interface) and
 //! their loader. Same rules as the crate root: `#[repr(C)]`, padding-free, fixed widths.
 
-/// One direction of a TCP connection as seen on the wire: the side that sent a segment
-/// (`s*`) and the side it is addressed to (`d*`). IPv4 addresses are stored IPv4-mapped,
-/// like every address in [`crate::HistKey`].
+/// One direction of a TCP connection as seen on one interface: the side that sent a
+/// segment (`s*`) and the side it is addressed to (`d*`). IPv4 addresses are stored
+/// IPv4-mapped, like every address in [`crate::HistKey`]. The interface is part of the
+/// key: a forwarded flow that crosses two watched interfaces is timed at each.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
@@ -16,6 +17,8 @@ pub struct FlowKey {
     pub family: u16,
     /// Explicit padding, always zero.
     pub reserved: u16,
+    /// Index of the interface the segment crossed.
+    pub ifindex: u32,
 }
 
 impl FlowKey {
@@ -29,6 +32,7 @@ impl FlowKey {
             dport: self.sport,
             family: self.family,
             reserved: 0,
+            ifindex: self.ifindex,
         }
     }
 }
@@ -66,8 +70,18 @@ pub mod flow {
 pub struct PendingKey {
     pub flow: FlowKey,
     pub tsval: u32,
+}
+
+/// When and which way a pending TSval crossed the interface.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pending {
+    /// `bpf_ktime_get_ns()` when it was first seen.
+    pub sent_ns: u64,
+    /// One of the [`crate::side`] constants.
+    pub side: u16,
     /// Explicit padding, always zero.
-    pub reserved: u32,
+    pub reserved: [u16; 3],
 }
 
 /// Read-only configuration of the wire programs.
@@ -130,6 +144,8 @@ mod user {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PendingKey {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for super::Pending {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::WireConfig {}
 }
 
@@ -140,9 +156,10 @@ mod tests {
 
     #[test]
     fn wire_types_have_no_padding() {
-        assert_eq!(size_of::<FlowKey>(), 16 + 16 + 4 * 2);
+        assert_eq!(size_of::<FlowKey>(), 16 + 16 + 4 * 2 + 4);
         assert_eq!(size_of::<FlowState>(), 4 * 4);
-        assert_eq!(size_of::<PendingKey>(), size_of::<FlowKey>() + 8);
+        assert_eq!(size_of::<PendingKey>(), size_of::<FlowKey>() + 4);
+        assert_eq!(size_of::<Pending>(), 8 + 2 * 4);
         assert_eq!(size_of::<WireConfig>(), 8);
     }
 
@@ -155,11 +172,12 @@ mod tests {
             dport: 4,
             family: crate::AF_INET6,
             reserved: 0,
+            ifindex: 7,
         };
         let r = k.reversed();
         assert_eq!(
-            (r.saddr, r.daddr, r.sport, r.dport),
-            ([2; 16], [1; 16], 4, 3)
+            (r.saddr, r.daddr, r.sport, r.dport, r.ifindex),
+            ([2; 16], [1; 16], 4, 3, 7)
         );
         assert_eq!(r.reversed(), k);
     }

@@ -47,7 +47,8 @@ static CONFIG: Global<ProbeConfig> = Global::new(ProbeConfig::ZERO);
 static HIST0: HashMap<HistKey, HistValue> = HashMap::with_max_entries(1, 0);
 #[map]
 static HIST1: HashMap<HistKey, HistValue> = HashMap::with_max_entries(1, 0);
-/// The single histogram used when not grouping: a per-CPU array needs no key hashing and
+/// The single histogram of the srtt programs when not grouping (the wire programs key even
+/// that by interface and side): a per-CPU array needs no key hashing and
 /// no atomic operation.
 #[map]
 static ALL0: PerCpuArray<HistValue> = PerCpuArray::with_max_entries(1, 0);
@@ -354,9 +355,10 @@ fn select(sk: *const u8, cfg: &ProbeConfig) -> Result<HistKey, Skip> {
         family: key_family,
         lport: key_lport,
         rport: key_rport,
-        reserved: 0,
+        side: 0,
         laddr: key_laddr,
         raddr: key_raddr,
+        ifindex: 0,
     })
 }
 

@@ -7,7 +7,10 @@
 //! every ACK its direction sent before (RFC 7323's RTTM rule): an echo on a segment that
 //! acknowledges nothing new is an old TS.Recent sent after an idle time, not a round trip.
 //! The sample belongs to the side that sent the TSval (`laddr`/`lport`), measured from
-//! this interface to the echoing side (`raddr`/`rport`) and back.
+//! this interface to the echoing side (`raddr`/`rport`) and back; its key also holds the
+//! interface and the direction the TSval crossed it in (its side: egress, the path beyond
+//! the interface; ingress, the path on this side of it). Each direction of an interface
+//! has a program of its own, as nothing in an skb tells a TC program where it runs.
 //!
 //! Samples go into the same histograms as the srtt programs (see the crate root), so
 //! filters, groupings and exact intervals work the same way.
@@ -23,13 +26,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use tcprtt_common::{
-    AF_INET, AF_INET6, HistKey, family, filter, group,
-    wire::{FlowKey, FlowState, PendingKey, WireConfig, flow, wstat},
+    AF_INET, AF_INET6, HistKey, family, filter, group, side,
+    wire::{FlowKey, FlowState, Pending, PendingKey, WireConfig, flow, wstat},
 };
 
 use super::{
-    CONFIG, E2BIG, LADDRS, LPORTS, RADDRS, RPORTS, add_sample, add_to_all, bump_in, count_failure,
-    in_prefixes, mapped_v4,
+    CONFIG, E2BIG, LADDRS, LPORTS, RADDRS, RPORTS, add_sample, bump_in, count_failure, in_prefixes,
+    mapped_v4,
 };
 
 /// "No verdict": the packet goes on to the next program or filter, then on its way.
@@ -55,27 +58,42 @@ static WIRE_CONFIG: Global<WireConfig> = Global::new(WireConfig::ZERO);
 /// the real sizes; the srtt programs leave these maps at one entry.
 #[map]
 static WIRE_FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(1, 0);
-/// TSvals waiting for their first echo, with the time they were first seen (ns). A plain
-/// hash map so that a full map fails the insert and is counted; echoes delete their
-/// entry, userspace deletes (and counts) entries older than the age limit.
+/// TSvals waiting for their first echo, with the time they were first seen and their
+/// side. A plain hash map so that a full map fails the insert and is counted; echoes
+/// delete their entry, userspace deletes (and counts) entries older than the age limit.
 #[map]
-static WIRE_PENDING: HashMap<PendingKey, u64> = HashMap::with_max_entries(1, 0);
+static WIRE_PENDING: HashMap<PendingKey, Pending> = HashMap::with_max_entries(1, 0);
 /// Counters indexed by `tcprtt_common::wire::wstat`.
 #[map]
 static WIRE_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(wstat::COUNT, 0);
 
-/// For interfaces whose frames start with an Ethernet header (veth, eth, bridges).
+/// For the ingress of interfaces whose frames start with an Ethernet header (veth, eth,
+/// bridges). Names stay within the kernel's 15 bytes, so tools show them whole.
 #[classifier]
-pub fn tcprtt_wire_eth(ctx: TcContext) -> i32 {
-    on_packet(&ctx, true);
+pub fn tcprtt_eth_in(ctx: TcContext) -> i32 {
+    on_packet(&ctx, true, side::INGRESS);
     TC_ACT_UNSPEC
 }
 
-/// For interfaces without a link-layer header (TUN, PPP, WireGuard, IP tunnels): the
-/// packet starts at the IP header.
+/// For the egress of Ethernet interfaces.
 #[classifier]
-pub fn tcprtt_wire_ip(ctx: TcContext) -> i32 {
-    on_packet(&ctx, false);
+pub fn tcprtt_eth_out(ctx: TcContext) -> i32 {
+    on_packet(&ctx, true, side::EGRESS);
+    TC_ACT_UNSPEC
+}
+
+/// For the ingress of interfaces without a link-layer header (TUN, PPP, WireGuard, IP
+/// tunnels): the packet starts at the IP header.
+#[classifier]
+pub fn tcprtt_ip_in(ctx: TcContext) -> i32 {
+    on_packet(&ctx, false, side::INGRESS);
+    TC_ACT_UNSPEC
+}
+
+/// For the egress of interfaces without a link-layer header.
+#[classifier]
+pub fn tcprtt_ip_out(ctx: TcContext) -> i32 {
+    on_packet(&ctx, false, side::EGRESS);
     TC_ACT_UNSPEC
 }
 
@@ -140,6 +158,8 @@ struct Scratch {
     headers: Headers,
     seg: Segment,
     pending: PendingKey,
+    /// The side of the program run, which a TSval recorded now is on.
+    side: u16,
     hist: HistKey,
 }
 
@@ -147,12 +167,15 @@ struct Scratch {
 static WIRE_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
-fn on_packet(ctx: &TcContext, has_l2: bool) {
+fn on_packet(ctx: &TcContext, has_l2: bool, side: u16) {
     let Some(scratch) = WIRE_SCRATCH.get_ptr_mut(0) else {
         return;
     };
     // SAFETY: this CPU's own slot; see `Scratch`.
     let scratch = unsafe { &mut *scratch };
+    scratch.side = side;
+    // SAFETY: the program's own context.
+    scratch.seg.flow.ifindex = unsafe { (*ctx.skb.skb).ifindex };
     match parse(ctx, has_l2, scratch) {
         Ok(()) => {
             bump(wstat::TCP);
@@ -472,11 +495,14 @@ fn record(scratch: &mut Scratch) {
     let key = &mut scratch.pending;
     key.flow = scratch.seg.flow;
     key.tsval = scratch.seg.tsval;
-    key.reserved = 0;
     let key: &PendingKey = key;
-    // SAFETY: a plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
-    match WIRE_PENDING.insert(key, now, u64::from(BPF_NOEXIST)) {
+    let pending = Pending {
+        // SAFETY: a plain helper call.
+        sent_ns: unsafe { bpf_ktime_get_ns() },
+        side: scratch.side,
+        reserved: [0; 3],
+    };
+    match WIRE_PENDING.insert(key, pending, u64::from(BPF_NOEXIST)) {
         Ok(()) => bump(wstat::RECORDED),
         Err(E2BIG) => bump(wstat::PENDING_FULL),
         // EEXIST: another CPU recorded the same TSval first.
@@ -485,20 +511,19 @@ fn record(scratch: &mut Scratch) {
 }
 
 /// The segment in `scratch` carries the first echo of its TSecr; `advances` tells
-/// whether its ACK is new.
+/// whether its ACK is new. The sample is on the side its TSval was recorded on.
 #[inline(always)]
 fn echo(scratch: &mut Scratch, advances: bool) {
     let seg = &scratch.seg;
     let key = &mut scratch.pending;
     key.flow = seg.flow.reversed();
     key.tsval = seg.tsecr;
-    key.reserved = 0;
     let key: &PendingKey = key;
-    let Some(sent) = WIRE_PENDING.get_ptr(key) else {
+    let Some(pending) = WIRE_PENDING.get_ptr(key) else {
         return;
     };
     // SAFETY: a live map value, read before the delete below decides who owns it.
-    let sent = unsafe { *sent };
+    let (sent, side) = unsafe { ((*pending).sent_ns, (*pending).side) };
     // The delete succeeds for exactly one caller: that one owns the sample.
     if WIRE_PENDING.remove(key).is_err() {
         return;
@@ -514,7 +539,7 @@ fn echo(scratch: &mut Scratch, advances: bool) {
         bump(wstat::AGED);
         return;
     }
-    add(scratch, rtt_ns);
+    add(scratch, rtt_ns, side);
 }
 
 #[inline(always)]
@@ -524,9 +549,11 @@ fn has_port(ports: &HashMap<u16, u8>, port: u16) -> bool {
 }
 
 /// Adds a round trip of the side that sent the TSval (`pending.flow.s*`) to the
-/// histograms, through the same filters and grouping as the srtt programs.
+/// histograms, through the same filters and grouping as the srtt programs. Every key
+/// holds the interface and the side, so even without a grouping the samples go into the
+/// shared map, one histogram per interface and side (userspace sizes it for that).
 #[inline(always)]
-fn add(scratch: &mut Scratch, rtt_ns: u64) {
+fn add(scratch: &mut Scratch, rtt_ns: u64, side: u16) {
     let flow = &scratch.pending.flow;
     let cfg = CONFIG.load();
     let tag = if flow.family == AF_INET {
@@ -548,13 +575,14 @@ fn add(scratch: &mut Scratch, rtt_ns: u64) {
     } else {
         rtt_ns / 1_000
     };
-    if cfg.group_by == group::NONE {
-        count_failure(add_to_all(value));
-        return;
-    }
     let key = &mut scratch.hist;
-    *key = HistKey::default();
+    *key = HistKey {
+        side,
+        ifindex: flow.ifindex,
+        ..HistKey::default()
+    };
     match cfg.group_by {
+        group::NONE => {}
         group::LADDR => {
             key.family = flow.family;
             key.laddr = flow.saddr;

@@ -127,8 +127,8 @@ fn large_map_memory(opts: &Options) -> Option<String> {
     // Two preallocated maps; per key its hash-table element header (about 48 bytes), the
     // key and the value, each rounded to 8 bytes.
     let per_key = 48
-        + size_of::<tcprtt_common::HistKey>() as u64
-        + size_of::<tcprtt_common::HistValue>() as u64;
+        + size_of::<tcprtt_common::HistKey>().next_multiple_of(8) as u64
+        + size_of::<tcprtt_common::HistValue>().next_multiple_of(8) as u64;
     let bytes = 2 * u64::from(opts.max_keys) * per_key;
     (bytes >= WORTH_SAYING).then(|| {
         format!(

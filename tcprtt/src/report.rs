@@ -4,11 +4,12 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
     time::Duration,
 };
 
 use jiff::Timestamp;
-use tcprtt_common::{AF_INET, AF_INET6, HistKey, group};
+use tcprtt_common::{AF_INET, AF_INET6, HistKey, group, side};
 
 use crate::histogram::Histogram;
 
@@ -109,11 +110,58 @@ impl Family {
     }
 }
 
+/// The direction in which a wire sample's TSval crossed its interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Side {
+    /// It left through the interface: the round trip is of the path beyond it.
+    Egress,
+    /// It came in: the round trip is of the path on this side of the interface.
+    Ingress,
+}
+
+impl Side {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Egress => "egress",
+            Self::Ingress => "ingress",
+        }
+    }
+}
+
+/// The names of the interfaces wire keys hold the index of, known from the start (the
+/// `--passive` interfaces).
+#[derive(Clone, Debug, Default)]
+pub struct IfaceNames(Vec<(u32, Arc<str>)>);
+
+impl IfaceNames {
+    pub fn new<'a>(ifaces: impl IntoIterator<Item = (u32, &'a str)>) -> Self {
+        Self(
+            ifaces
+                .into_iter()
+                .map(|(index, name)| (index, Arc::from(name)))
+                .collect(),
+        )
+    }
+
+    /// The interface's name; its index should the programs ever time one not listed.
+    fn name(&self, index: u32) -> Arc<str> {
+        self.0.iter().find(|(i, _)| *i == index).map_or_else(
+            || Arc::from(index.to_string()),
+            |(_, name)| Arc::clone(name),
+        )
+    }
+}
+
 /// A decoded histogram key: the parts of a connection its grouping keeps, `None` for the
-/// rest. The field order is the listing order: local before remote, IPv4 before IPv6,
-/// addresses and ports numerically.
+/// rest, and for wire samples (whatever the grouping) the interface and side. The field
+/// order is the listing order: by interface and side, then local before remote, IPv4
+/// before IPv6, addresses and ports numerically.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Key {
+    /// Wire samples: the interface they were timed at.
+    pub iface: Option<Arc<str>>,
+    /// Wire samples: which way their TSvals crossed it.
+    pub side: Option<Side>,
     pub laddr: Option<IpAddr>,
     pub lport: Option<u16>,
     pub raddr: Option<IpAddr>,
@@ -133,14 +181,21 @@ fn ip(family: u16, addr: &[u8; 16]) -> IpAddr {
 
 impl Key {
     /// Decodes the kernel's key: the one place that knows its layout.
-    pub fn decode(grouping: Grouping, raw: &HistKey) -> Self {
+    pub fn decode(grouping: Grouping, raw: &HistKey, ifaces: &IfaceNames) -> Self {
         let f = grouping.fields;
+        let side = match raw.side {
+            side::EGRESS => Some(Side::Egress),
+            side::INGRESS => Some(Side::Ingress),
+            _ => None,
+        };
         let family = (f.laddr || f.raddr).then_some(if raw.family == AF_INET6 {
             Family::Ipv6
         } else {
             Family::Ipv4
         });
         Self {
+            iface: side.map(|_| ifaces.name(raw.ifindex)),
+            side,
             laddr: f.laddr.then(|| ip(raw.family, &raw.laddr)),
             lport: f.lport.then_some(raw.lport),
             raddr: f.raddr.then(|| ip(raw.family, &raw.raddr)),
@@ -238,10 +293,11 @@ pub struct Report {
     pub rows: Vec<Row>,
 }
 
-/// Both sides of one connection measured on the wire (`--passive --by-flow`): `a` holds
-/// the round trips of the TSvals its local side sent (from the interface to its remote
-/// side and back), `b` those of the other side. Together they make the end-to-end round
-/// trip of a forwarded flow (a router sees each end on one side of it).
+/// Both sides of one connection measured on the wire at one interface (`--passive
+/// --by-flow`): `a` holds the round trips of the TSvals its local side sent (from the
+/// interface to its remote side and back), `b` those of the other side. Together they
+/// make the end-to-end round trip of a forwarded flow (a router sees each end on one side
+/// of it).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct FlowSides<'a> {
     pub a: &'a Row,
@@ -278,8 +334,9 @@ impl Report {
                     return None;
                 }
                 let b = self.rows.iter().filter(wire).find(|b| {
-                    (b.key.laddr, b.key.lport, b.key.raddr, b.key.rport)
-                        == (k.raddr, k.rport, k.laddr, k.lport)
+                    b.key.iface == k.iface
+                        && (b.key.laddr, b.key.lport, b.key.raddr, b.key.rport)
+                            == (k.raddr, k.rport, k.laddr, k.lport)
                 })?;
                 Some(FlowSides { a, b })
             })
@@ -331,8 +388,39 @@ pub mod fixtures {
     pub fn row(grouping: Grouping, raw: HistKey, samples: &[u64]) -> Row {
         Row {
             source: Source::Srtt,
-            key: Key::decode(grouping, &raw),
+            key: Key::decode(grouping, &raw, &IfaceNames::default()),
             hist: Histogram::from_samples(samples.iter().copied()),
+        }
+    }
+
+    /// A wire row, its key's interface index 2 named `eth0` and 3 `eth1`.
+    pub fn wire_row(grouping: Grouping, raw: HistKey, samples: &[u64]) -> Row {
+        let names = IfaceNames::new([(2, "eth0"), (3, "eth1")]);
+        Row {
+            source: Source::Wire,
+            key: Key::decode(grouping, &raw, &names),
+            hist: Histogram::from_samples(samples.iter().copied()),
+        }
+    }
+
+    /// A wire key of a connection `l:lport -> r:rport` timed at interface `ifindex` on
+    /// `side` (`tcprtt_common::side`).
+    pub fn wire_v4(
+        l: [u8; 4],
+        lport: u16,
+        r: [u8; 4],
+        rport: u16,
+        ifindex: u32,
+        side: u16,
+    ) -> HistKey {
+        HistKey {
+            family: AF_INET,
+            lport,
+            rport,
+            side,
+            laddr: mapped(l),
+            raddr: mapped(r),
+            ifindex,
         }
     }
 
@@ -352,7 +440,7 @@ pub mod fixtures {
             rport: 4000,
             laddr: mapped([127, 0, 0, 1]),
             raddr: mapped([127, 0, 0, 2]),
-            reserved: 0,
+            ..HistKey::default()
         }
     }
 
@@ -364,7 +452,7 @@ pub mod fixtures {
             rport: 51000,
             laddr: "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets(),
             raddr: "2001:db8::2".parse::<Ipv6Addr>().unwrap().octets(),
-            reserved: 0,
+            ..HistKey::default()
         }
     }
 
@@ -390,41 +478,61 @@ mod tests {
     #[test]
     fn decoding_keeps_only_the_grouped_fields_and_unmaps_ipv4() {
         let raw = flow_v4();
-        let k = Key::decode(BY_RADDR, &raw);
+        let none = IfaceNames::default();
+        let k = Key::decode(BY_RADDR, &raw, &none);
         assert_eq!(k.raddr, Some("127.0.0.2".parse().unwrap()));
         assert_eq!((k.laddr, k.lport, k.rport), (None, None, None));
         assert_eq!(k.family, Some(Family::Ipv4));
-        let k = Key::decode(BY_LPORT, &raw);
+        let k = Key::decode(BY_LPORT, &raw, &none);
         assert_eq!((k.lport, k.family), (Some(80), None));
-        assert_eq!(Key::decode(ALL_TRAFFIC, &raw), Key::default());
-        let k = Key::decode(BY_FLOW, &raw);
+        assert_eq!(Key::decode(ALL_TRAFFIC, &raw, &none), Key::default());
+        let k = Key::decode(BY_FLOW, &raw, &none);
         assert_eq!(k.laddr, Some("127.0.0.1".parse().unwrap()));
         assert_eq!((k.lport, k.rport), (Some(80), Some(4000)));
+        assert_eq!((k.iface, k.side), (None, None));
+    }
+
+    #[test]
+    fn wire_keys_name_their_interface_and_side_whatever_the_grouping() {
+        let names = IfaceNames::new([(2, "eth0"), (3, "eth1")]);
+        let raw = wire_v4([10, 0, 0, 1], 80, [10, 0, 0, 2], 4000, 3, side::INGRESS);
+        let k = Key::decode(ALL_TRAFFIC, &raw, &names);
+        assert_eq!(k.iface.as_deref(), Some("eth1"));
+        assert_eq!(k.side, Some(Side::Ingress));
+        assert_eq!((k.laddr, k.lport, k.family), (None, None, None));
+        let raw = HistKey {
+            side: side::EGRESS,
+            ifindex: 9,
+            ..raw
+        };
+        let k = Key::decode(BY_LPORT, &raw, &names);
+        assert_eq!(
+            (k.iface.as_deref(), k.side),
+            (Some("9"), Some(Side::Egress))
+        );
+        assert_eq!(k.lport, Some(80));
     }
 
     #[test]
     fn wire_flows_pair_their_two_sides_once() {
-        let side = |l: [u8; 4], lport, r: [u8; 4], rport, samples: &[u64]| {
-            let raw = HistKey {
-                family: AF_INET,
-                lport,
-                rport,
-                laddr: mapped(l),
-                raddr: mapped(r),
-                reserved: 0,
+        let side = |l: [u8; 4], lport, r: [u8; 4], rport, ifindex, samples: &[u64]| {
+            // Seen at eth0 facing `a`: `a`'s TSvals come in, `b`'s leave.
+            let dir = if l[0] == 198 {
+                side::INGRESS
+            } else {
+                side::EGRESS
             };
-            Row {
-                source: Source::Wire,
-                ..row(BY_FLOW, raw, samples)
-            }
+            wire_row(BY_FLOW, wire_v4(l, lport, r, rport, ifindex, dir), samples)
         };
         let (a, b, c) = ([198, 51, 100, 1], [203, 0, 113, 1], [203, 0, 113, 2]);
         let mut report = Report {
             meta: meta(BY_FLOW),
             rows: vec![
-                side(b, 80, a, 4000, &[20_000, 20_000]),
-                side(a, 4000, b, 80, &[60_000]),
-                side(a, 4001, c, 80, &[5]),
+                side(b, 80, a, 4000, 2, &[20_000, 20_000]),
+                side(a, 4000, b, 80, 2, &[60_000]),
+                side(a, 4001, c, 80, 2, &[5]),
+                // The other half of 4001's flow, but timed at another interface.
+                side(c, 80, a, 4001, 3, &[7]),
             ],
         };
         report.order(None);

@@ -327,6 +327,31 @@ fn parse_time(text: &str) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(secs as u64) + Duration::from_millis(milli as u64)
 }
 
+/// The row timed at `iface` whose local address is `laddr` (`--by-flow`).
+fn row_at<'a>(report: &'a Value, iface: &str, laddr: &str) -> &'a Value {
+    rows(report)
+        .iter()
+        .find(|r| r["key"]["iface"] == iface && r["key"]["laddr"] == laddr)
+        .unwrap_or_else(|| panic!("no row for {laddr} at {iface} in {report}"))
+}
+
+/// `/metrics` of a tcprtt serving on `port` of `host`'s loopback.
+fn scrape_in(host: &Host, port: u16) -> String {
+    in_ns(host, || {
+        let mut conn = TcpStream::connect(("127.0.0.1", port))?;
+        conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: tcprtt\r\n\r\n")?;
+        let mut text = String::new();
+        conn.read_to_string(&mut text)?;
+        Ok::<_, std::io::Error>(text)
+    })
+    .expect("scraping tcprtt")
+}
+
+/// Watching both of the router's interfaces: each times the flow on its own, and says
+/// which way each side's TSvals crossed it, in JSON and in Prometheus labels. A's TSvals come in through the interface
+/// facing A (`ingress`: their round trip is of the path on the router's side of it, on to
+/// B) and leave through the one facing B (`egress`: the path beyond it), and B's the
+/// other way round.
 #[test]
 fn a_router_sees_both_sides_of_a_forwarded_flow_and_their_sum_is_the_path() {
     let _one_at_a_time = timing();
@@ -343,47 +368,91 @@ fn a_router_sees_both_sides_of_a_forwarded_flow_and_their_sum_is_the_path() {
     let srv = bed.serve(&b, sock_addr("203.0.113.73", 0));
     let conn = a.connect(ip("198.51.100.73"), srv);
 
+    let (a_iface, b_iface) = (routed.a_iface.as_str(), routed.b_iface.as_str());
+    assert_ne!(a_iface, b_iface);
     let tracer = wire_tracer(
         &routed.router,
-        &["--passive", &routed.a_iface, "--by-flow", "--json"],
+        &[
+            "--passive",
+            a_iface,
+            "--passive",
+            b_iface,
+            "--by-flow",
+            "--json",
+            "--prometheus",
+            "127.0.0.1:9464",
+        ],
     );
     let load = Load::start(vec![conn]);
     let ping = ping_median_us(&a, "203.0.113.73", 20);
     load.stop();
+    // The exposition follows the kernel's maps within a drain (every second).
+    thread::sleep(ms(1500));
+    let scrape = scrape_in(&routed.router, 9464);
     let out = tracer.stop_with(libc::SIGINT);
     assert!(out.status.success(), "{out:?}");
 
     let report = &reports(&out.stdout)[0];
-    assert_eq!(rows(report).len(), 2, "{report}");
-    // A's TSvals come back from B: router -> B -> router, 2 x 30 ms.
-    let a_side = row_of(report, "198.51.100.73");
-    // B's TSvals come back from A: 2 x 10 ms.
-    let b_side = row_of(report, "203.0.113.73");
-    for (row, path) in [(a_side, 60_000.0), (b_side, 20_000.0)] {
+    assert_eq!(rows(report).len(), 4, "{report}");
+    // A's TSvals come back from B: router -> B -> router, 2 x 30 ms; B's come back from
+    // A: 2 x 10 ms.
+    let (a_addr, b_addr) = ("198.51.100.73", "203.0.113.73");
+    for (iface, laddr, side, path) in [
+        (a_iface, a_addr, "ingress", 60_000.0),
+        (a_iface, b_addr, "egress", 20_000.0),
+        (b_iface, a_addr, "egress", 60_000.0),
+        (b_iface, b_addr, "ingress", 20_000.0),
+    ] {
+        let row = row_at(report, iface, laddr);
+        assert_eq!(row["key"]["side"], side, "{row}");
+        let k = &row["key"];
+        let series = format!(
+            "tcprtt_wire_rtt_seconds_count{{iface=\"{iface}\",side=\"{side}\",family=\"ipv4\",\
+             laddr=\"{laddr}\",lport=\"{}\",raddr=\"{}\",rport=\"{}\"}} ",
+            k["lport"],
+            k["addr"].as_str().expect("addr"),
+            k["port"],
+        );
+        let scraped: f64 = scrape
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .unwrap_or_else(|| panic!("no {series} in {scrape}"))
+            .parse()
+            .expect("a count");
+        // The scrape came before the end of the run, whose report counts every sample.
+        assert!(
+            scraped >= 1.0 && scraped <= num(row, "count"),
+            "{series}{scraped}, JSON {row}"
+        );
         let median = median_bucket(row);
         assert!(
             near(median, path, 0.10),
-            "median {median:?}, path {path}: {row}"
+            "{iface} {laddr}: median {median:?}, path {path}: {row}"
         );
         assert!(num(row, "min") >= path, "{row}");
     }
     let flows = report["flows"].as_array().expect("flows");
-    assert_eq!(flows.len(), 1, "{report}");
-    let flow = &flows[0];
-    assert_eq!(flow["a"]["addr"], "198.51.100.73");
-    let sum = num(flow, "avg");
-    let sides = num(flow, "a_avg") + num(flow, "b_avg");
-    // Each printed with six decimals.
-    assert!((sum - sides).abs() < 1e-5, "{sum} vs {sides}");
-    assert!(
-        (sum - ping).abs() <= 0.10 * ping,
-        "sum {sum} µs, ping {ping} µs"
-    );
-    let p50 = num(flow, "p50");
-    assert!(
-        (p50 - ping).abs() <= 0.10 * ping,
-        "p50 sum {p50} µs, ping {ping} µs"
-    );
+    assert_eq!(flows.len(), 2, "{report}");
+    for iface in [a_iface, b_iface] {
+        let flow = flows
+            .iter()
+            .find(|f| f["iface"] == iface)
+            .unwrap_or_else(|| panic!("no flow at {iface}: {report}"));
+        assert_eq!(flow["a"]["addr"], a_addr);
+        let sum = num(flow, "avg");
+        let sides = num(flow, "a_avg") + num(flow, "b_avg");
+        // Each printed with six decimals.
+        assert!((sum - sides).abs() < 1e-5, "{sum} vs {sides}");
+        assert!(
+            (sum - ping).abs() <= 0.10 * ping,
+            "{iface}: sum {sum} µs, ping {ping} µs"
+        );
+        let p50 = num(flow, "p50");
+        assert!(
+            (p50 - ping).abs() <= 0.10 * ping,
+            "{iface}: p50 sum {p50} µs, ping {ping} µs"
+        );
+    }
 }
 
 /// Writes `chunk`-sized blocks to the echo server as fast as it takes them and reads the

@@ -37,9 +37,11 @@ struct JsonReport {
     flows: Vec<JsonFlow>,
 }
 
-/// Both sides of a wire flow and the end-to-end round trip they add up to.
+/// Both sides of a wire flow at one interface and the end-to-end round trip they add up
+/// to.
 #[derive(Serialize)]
 struct JsonFlow {
+    iface: Option<String>,
     /// The side whose TSvals `a_avg`/`a_p50` time, and the other side.
     a: JsonKey,
     b: JsonKey,
@@ -54,6 +56,8 @@ struct JsonFlow {
 impl From<&FlowSides<'_>> for JsonFlow {
     fn from(f: &FlowSides<'_>) -> Self {
         let side = |k: &Key| JsonKey {
+            iface: None,
+            side: None,
             family: k.family.map(|f| f.name()),
             addr: k.laddr,
             port: k.lport,
@@ -61,6 +65,7 @@ impl From<&FlowSides<'_>> for JsonFlow {
             lport: None,
         };
         Self {
+            iface: f.a.key.iface.as_deref().map(str::to_string),
             a: side(&f.a.key),
             b: side(&f.b.key),
             avg: fixed(f.average(), 6),
@@ -74,9 +79,13 @@ impl From<&FlowSides<'_>> for JsonFlow {
 }
 
 /// The key: the remote side as `addr`/`port`, the local side as `laddr`/`lport`, or as
-/// `addr`/`port` when it is the only side.
+/// `addr`/`port` when it is the only side; wire keys also `iface` and `side`.
 #[derive(Serialize)]
 struct JsonKey {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iface: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    side: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     family: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -98,6 +107,8 @@ impl From<&Key> for JsonKey {
             (k.laddr, k.lport, None, None)
         };
         Self {
+            iface: k.iface.as_deref().map(str::to_string),
+            side: k.side.map(|s| s.name()),
             family: k.family.map(|f| f.name()),
             addr,
             port,
@@ -210,7 +221,7 @@ mod tests {
                 .parse::<std::net::Ipv6Addr>()
                 .unwrap()
                 .octets(),
-            reserved: 0,
+            ..Default::default()
         };
         let mut report = Report {
             meta: meta(BY_FLOW),
@@ -232,6 +243,44 @@ mod tests {
         report.meta.grouping = ALL_TRAFFIC;
         report.rows = vec![row(ALL_TRAFFIC, raw, &[7])];
         assert!(render(&report).contains(r#""key":{}"#));
+        let raw = tcprtt_common::HistKey {
+            side: tcprtt_common::side::INGRESS,
+            ifindex: 3,
+            ..raw
+        };
+        report.rows = vec![wire_row(ALL_TRAFFIC, raw, &[7])];
+        let text = render(&report);
+        assert!(
+            text.contains(r#""source":"wire","key":{"iface":"eth1","side":"ingress"}"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn flows_name_their_interface() {
+        use tcprtt_common::side::{EGRESS, INGRESS};
+        let (a, b) = ([198, 51, 100, 1], [203, 0, 113, 1]);
+        let mut report = Report {
+            meta: meta(BY_FLOW),
+            rows: vec![
+                wire_row(BY_FLOW, wire_v4(a, 4000, b, 80, 2, INGRESS), &[60]),
+                wire_row(BY_FLOW, wire_v4(b, 80, a, 4000, 2, EGRESS), &[20]),
+            ],
+        };
+        report.order(None);
+        let text = render(&report);
+        assert!(
+            text.contains(
+                r#""key":{"iface":"eth0","side":"egress","family":"ipv4","addr":"198.51.100.1","port":4000,"laddr":"203.0.113.1","lport":80}"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#""flows":[{"iface":"eth0","a":{"family":"ipv4","addr":"198.51.100.1","port":4000},"#
+            ),
+            "{text}"
+        );
     }
 
     #[test]

@@ -111,9 +111,16 @@ fn buckets(hist: &Histogram, unit: Unit, fine: bool) -> Vec<(f64, u64)> {
     out
 }
 
-/// The labels of a series: the parts of a connection its grouping keeps.
+/// The labels of a series: wire series' interface and side, and the parts of a
+/// connection its grouping keeps.
 fn labels(key: &Key) -> Vec<(&'static str, String)> {
     let mut out = Vec::new();
+    if let Some(iface) = &key.iface {
+        out.push(("iface", iface.to_string()));
+    }
+    if let Some(side) = key.side {
+        out.push(("side", side.name().to_string()));
+    }
     if let Some(family) = key.family {
         out.push(("family", family.name().to_string()));
     }
@@ -462,6 +469,28 @@ mod tests {
         assert_eq!(
             encode(Arc::new(snap), Wire::Prometheus),
             golden("by_raddr.prom")
+        );
+    }
+
+    #[test]
+    fn wire_series_carry_their_interface_and_side() {
+        use tcprtt_common::side::{EGRESS, INGRESS};
+        let (a, b) = ([198, 51, 100, 1], [203, 0, 113, 1]);
+        let snap = snapshot(&[
+            wire_row(ALL_TRAFFIC, wire_v4(a, 4000, b, 80, 2, INGRESS), &[60]),
+            wire_row(BY_RADDR, wire_v4(b, 80, a, 4000, 3, EGRESS), &[20]),
+        ]);
+        let text = encode(Arc::new(snap), Wire::Prometheus);
+        assert!(
+            text.contains("tcprtt_wire_rtt_seconds_count{iface=\"eth0\",side=\"ingress\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "tcprtt_wire_rtt_seconds_count{iface=\"eth1\",side=\"egress\",\
+                 family=\"ipv4\",raddr=\"198.51.100.1\"} 1\n"
+            ),
+            "{text}"
         );
     }
 

@@ -35,12 +35,18 @@ fn endpoint(ip: Option<IpAddr>, port: Option<u16>) -> String {
     }
 }
 
-/// A row's header: its label, and for wire rows the source, e.g.
-/// `Remote Address = 10.0.0.1 (wire)` (srtt rows keep bcc's labels).
+/// A row's header: its label, and for wire rows the source, interface and side, e.g.
+/// `Remote Address = 10.0.0.1 (wire, eth0 egress)` (srtt rows keep bcc's labels).
 fn header(row: &Row) -> String {
     match row.source {
         Source::Srtt => label(&row.key),
-        Source::Wire => format!("{} ({})", label(&row.key), row.source.name()),
+        Source::Wire => format!(
+            "{} ({}, {} {})",
+            label(&row.key),
+            row.source.name(),
+            row.key.iface.as_deref().unwrap_or("?"),
+            row.key.side.map_or("?", |s| s.name())
+        ),
     }
 }
 
@@ -131,9 +137,10 @@ pub fn render(report: &Report, opts: &TextOptions) -> String {
         let (a, b) = (&flow.a.hist, &flow.b.hist);
         let _ = writeln!(
             out,
-            "Flow {} <-> {} (wire) end-to-end AVG {:.6} = {:.6} + {:.6}, p50 ~{} = ~{} + ~{} ({unit})",
+            "Flow {} <-> {} (wire, {}) end-to-end AVG {:.6} = {:.6} + {:.6}, p50 ~{} = ~{} + ~{} ({unit})",
             endpoint(flow.a.key.laddr, flow.a.key.lport),
             endpoint(flow.a.key.raddr, flow.a.key.rport),
+            flow.a.key.iface.as_deref().unwrap_or("?"),
             flow.average(),
             a.average(),
             b.average(),
@@ -228,26 +235,20 @@ mod tests {
 
     #[test]
     fn wire_rows_say_so_and_flows_show_both_sides_and_their_sum() {
-        let raw = |l: [u8; 4], lport, r: [u8; 4], rport| HistKey {
-            family: tcprtt_common::AF_INET,
-            lport,
-            rport,
-            laddr: mapped(l),
-            raddr: mapped(r),
-            reserved: 0,
-        };
+        use tcprtt_common::side::{EGRESS, INGRESS};
         let (a, b) = ([198, 51, 100, 1], [203, 0, 113, 1]);
         let mut report = Report {
             meta: meta(BY_FLOW),
             rows: vec![
-                Row {
-                    source: Source::Wire,
-                    ..row(BY_FLOW, raw(a, 4000, b, 80), &[60_000, 60_000])
-                },
-                Row {
-                    source: Source::Wire,
-                    ..row(BY_FLOW, raw(b, 80, a, 4000), &[20_000])
-                },
+                wire_row(
+                    BY_FLOW,
+                    wire_v4(a, 4000, b, 80, 2, INGRESS),
+                    &[60_000, 60_000],
+                ),
+                wire_row(BY_FLOW, wire_v4(b, 80, a, 4000, 2, EGRESS), &[20_000]),
+                // The same direction timed at another interface: a row of its own, and
+                // no flow without its other side there.
+                wire_row(BY_FLOW, wire_v4(b, 80, a, 4000, 3, EGRESS), &[5]),
             ],
         };
         report.meta.unit = Unit::Millis;
@@ -255,14 +256,29 @@ mod tests {
         let text = render(&report, &TextOptions::default());
         assert!(
             text.starts_with(
-                "Connection = 198.51.100.1:4000 -> 203.0.113.1:80 (wire) [AVG 60000.000000]\n"
+                "Connection = 203.0.113.1:80 -> 198.51.100.1:4000 (wire, eth0 egress) \
+                 [AVG 20000.000000]\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "\nConnection = 198.51.100.1:4000 -> 203.0.113.1:80 (wire, eth0 ingress) \
+                 [AVG 60000.000000]\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "\nConnection = 203.0.113.1:80 -> 198.51.100.1:4000 (wire, eth1 egress) \
+                 [AVG 5.000000]\n"
             ),
             "{text}"
         );
         assert!(
             text.ends_with(
-                "\nFlow 198.51.100.1:4000 <-> 203.0.113.1:80 (wire) end-to-end AVG 80000.000000 \
-                 = 60000.000000 + 20000.000000, p50 ~80000 = ~60000 + ~20000 (ms)\n"
+                "\nFlow 198.51.100.1:4000 <-> 203.0.113.1:80 (wire, eth0) end-to-end AVG \
+                 80000.000000 = 60000.000000 + 20000.000000, p50 ~80000 = ~60000 + ~20000 (ms)\n"
             ),
             "{text}"
         );
@@ -270,7 +286,8 @@ mod tests {
 
     #[test]
     fn port_and_flow_labels() {
-        let shown = |g: Grouping, raw: &HistKey| label(&Key::decode(g, raw));
+        let shown =
+            |g: Grouping, raw: &HistKey| label(&Key::decode(g, raw, &IfaceNames::default()));
         let raw = flow_v6();
         assert_eq!(shown(BY_LPORT, &raw), "Local Port = 443");
         assert_eq!(shown(BY_RPORT, &raw), "Remote Port = 51000");

@@ -17,7 +17,7 @@ use tcprtt_common::{HistKey, HistValue};
 use super::take_map;
 use crate::{
     histogram::Histogram,
-    report::{Grouping, Key, Row, Source},
+    report::{Grouping, IfaceNames, Key, Row, Source},
 };
 
 /// Waits for running BPF programs: updating a slot of an ARRAY_OF_MAPS makes the
@@ -54,6 +54,8 @@ pub struct DoubleBuffer {
     active: Array<MapData, u32>,
     active_index: u32,
     grace: GracePeriod,
+    /// The interfaces wire keys may name.
+    ifaces: IfaceNames,
     /// Held so that the programs, which may be loaded after this is built, find it.
     _new_hist: Array<MapData, HistValue>,
 }
@@ -83,8 +85,14 @@ impl DoubleBuffer {
             active: take_map(ebpf, &take("ACTIVE"))?,
             active_index: 0,
             grace: GracePeriod::new(ebpf)?,
+            ifaces: IfaceNames::default(),
             _new_hist: new_hist,
         })
+    }
+
+    /// Names the interfaces the wire programs' keys hold the index of.
+    pub fn name_ifaces(&mut self, ifaces: IfaceNames) {
+        self.ifaces = ifaces;
     }
 
     /// Everything the kernel recorded since the previous call, with the maps emptied. Must
@@ -133,7 +141,7 @@ impl DoubleBuffer {
             .into_iter()
             .map(|(raw, hist)| Row {
                 source,
-                key: Key::decode(grouping, &raw),
+                key: Key::decode(grouping, &raw, &self.ifaces),
                 hist,
             })
             .collect())

@@ -50,10 +50,14 @@ pub fn load_with_filters(
     opts: &Options,
     object: &[u8],
 ) -> Result<Ebpf> {
-    let hist_entries = if opts.grouping == ALL_TRAFFIC {
+    // Without a grouping the srtt programs use the all-traffic array; the wire programs
+    // still key by interface and side.
+    let hist_entries = if opts.grouping != ALL_TRAFFIC {
+        opts.max_keys
+    } else if opts.passive.is_empty() {
         1
     } else {
-        opts.max_keys
+        2 * opts.passive.len() as u32
     };
     // A map needs at least one entry even when its filter is unused.
     let len = |n: usize| n.max(1) as u32;

@@ -34,7 +34,7 @@ use aya::{
 };
 use tcprtt_common::{
     ProbeConfig, stat,
-    wire::{PendingKey, WireConfig, wstat},
+    wire::{Pending, PendingKey, WireConfig, wstat},
 };
 
 use super::{
@@ -42,14 +42,17 @@ use super::{
 };
 use crate::{
     cli::{Attach, Options},
-    report::{Grouping, Losses, Source as RowSource},
+    report::{Grouping, IfaceNames, Losses, Source as RowSource},
 };
 
-/// Program names in the eBPF object.
-const PROG_ETH: &str = "tcprtt_wire_eth";
-const PROG_IP: &str = "tcprtt_wire_ip";
-/// Every filter name tcprtt attaches through clsact.
-const OUR_FILTERS: [&str; 2] = [PROG_ETH, PROG_IP];
+/// Program names in the eBPF object, for Ethernet and raw-IP interfaces, at ingress and
+/// egress: each direction has its own program, which sets the samples' side.
+const PROG_ETH_IN: &str = "tcprtt_eth_in";
+const PROG_ETH_OUT: &str = "tcprtt_eth_out";
+const PROG_IP_IN: &str = "tcprtt_ip_in";
+const PROG_IP_OUT: &str = "tcprtt_ip_out";
+/// Every program (and so every filter name) tcprtt attaches to an interface.
+const OUR_FILTERS: [&str; 4] = [PROG_ETH_IN, PROG_ETH_OUT, PROG_IP_IN, PROG_IP_OUT];
 
 /// Map sizes. Pending TSvals: the newest of each direction that has not been echoed yet,
 /// plus any never echoed (a delayed ACK echoes one of two), for at most the age limit.
@@ -255,14 +258,16 @@ fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassif
         .try_into()?)
 }
 
-/// Loads the program each interface needs (each once).
+/// Loads the programs each interface needs (each once).
 fn load_programs(ebpf: &mut Ebpf, ifaces: &[Iface]) -> Result<()> {
     for iface in ifaces {
-        let name = program_for(iface);
-        let prog = classifier(ebpf, name)?;
-        if prog.fd().is_err() {
-            prog.load()
-                .map_err(|e| anyhow!("the kernel refused {name}: {}", refusal(&e)))?;
+        for direction in [TcAttachType::Ingress, TcAttachType::Egress] {
+            let name = program_for(iface, direction);
+            let prog = classifier(ebpf, name)?;
+            if prog.fd().is_err() {
+                prog.load()
+                    .map_err(|e| anyhow!("the kernel refused {name}: {}", refusal(&e)))?;
+            }
         }
     }
     Ok(())
@@ -280,9 +285,9 @@ fn attach_all(ebpf: &mut Ebpf, ifaces: &[Iface], mode: TcMode) -> Result<Attachm
         added_clsact: Vec::new(),
     };
     for (n, iface) in ifaces.iter().enumerate() {
-        let name = program_for(iface);
-        let prog = classifier(ebpf, name)?;
         for direction in [TcAttachType::Ingress, TcAttachType::Egress] {
+            let name = program_for(iface, direction);
+            let prog = classifier(ebpf, name)?;
             if out.attached == Attached::Tcx {
                 // First, so that no other program can drop or redirect a packet before
                 // it is seen.
@@ -291,7 +296,9 @@ fn attach_all(ebpf: &mut Ebpf, ifaces: &[Iface], mode: TcMode) -> Result<Attachm
                     Ok(_) => continue,
                     // Only the very first attach may fall back: every interface of a run
                     // is attached the same way.
-                    Err(e) if mode == TcMode::Auto && n == 0 => {
+                    Err(e)
+                        if mode == TcMode::Auto && n == 0 && direction == TcAttachType::Ingress =>
+                    {
                         out.fallback_reason = Some(format!("TCX refused: {}", refusal(&e)));
                         out.attached = Attached::Clsact;
                     }
@@ -340,8 +347,13 @@ fn attach_all(ebpf: &mut Ebpf, ifaces: &[Iface], mode: TcMode) -> Result<Attachm
     Ok(out)
 }
 
-fn program_for(iface: &Iface) -> &'static str {
-    if iface.has_l2 { PROG_ETH } else { PROG_IP }
+fn program_for(iface: &Iface, direction: TcAttachType) -> &'static str {
+    match (iface.has_l2, direction == TcAttachType::Ingress) {
+        (true, true) => PROG_ETH_IN,
+        (true, false) => PROG_ETH_OUT,
+        (false, true) => PROG_IP_IN,
+        (false, false) => PROG_IP_OUT,
+    }
 }
 
 /// A thread that removes pending TSvals older than `--max-rtt` every second: they were
@@ -356,7 +368,10 @@ struct Sweeper {
 const SWEEP_PERIOD: Duration = Duration::from_secs(1);
 
 impl Sweeper {
-    fn start(mut pending: HashMap<MapData, PendingKey, u64>, max_age: Duration) -> Result<Self> {
+    fn start(
+        mut pending: HashMap<MapData, PendingKey, Pending>,
+        max_age: Duration,
+    ) -> Result<Self> {
         let (stop, stopped) = mpsc::channel::<()>();
         let swept = Arc::new(AtomicU64::new(0));
         let count = swept.clone();
@@ -396,14 +411,14 @@ impl Drop for Sweeper {
 }
 
 /// Removes the entries of `pending` older than `limit_ns`; returns how many it removed.
-fn sweep(pending: &mut HashMap<MapData, PendingKey, u64>, limit_ns: u64) -> Result<u64> {
+fn sweep(pending: &mut HashMap<MapData, PendingKey, Pending>, limit_ns: u64) -> Result<u64> {
     let now = monotonic_ns()?;
     let stale: Vec<PendingKey> = pending
         .iter()
         .take(PENDING_ENTRIES as usize)
         // An entry that vanished while listing was echoed meanwhile.
         .filter_map(Result::ok)
-        .filter(|(_, sent)| now.saturating_sub(*sent) > limit_ns)
+        .filter(|(_, pending)| now.saturating_sub(pending.sent_ns) > limit_ns)
         .map(|(key, _)| key)
         .collect();
     // A key already gone was taken by its echo, which the kernel counted.
@@ -456,7 +471,10 @@ impl Wire {
         // Loaded (verified) before any map is taken out of the object: the programs then
         // hold every map they use, whatever userspace keeps or drops.
         load_programs(&mut ebpf, &opts.passive)?;
-        let buffers = DoubleBuffer::new(&mut ebpf, "")?;
+        let mut buffers = DoubleBuffer::new(&mut ebpf, "")?;
+        buffers.name_ifaces(IfaceNames::new(
+            opts.passive.iter().map(|i| (i.index, i.name.as_str())),
+        ));
         let stats = take_map(&mut ebpf, "STATS")?;
         let wire_stats = take_map(&mut ebpf, "WIRE_STATS")?;
         let sweeper = Sweeper::start(take_map(&mut ebpf, "WIRE_PENDING")?, opts.max_rtt)?;
@@ -537,7 +555,7 @@ impl Wire {
     fn cost(&self) -> Result<(u64, u128)> {
         let mut runs = 0;
         let mut ns = 0;
-        for name in [PROG_ETH, PROG_IP] {
+        for name in OUR_FILTERS {
             let Some(prog) = self.ebpf.program(name) else {
                 continue;
             };
@@ -661,10 +679,10 @@ impl Drop for Wire {
     /// Detaches the programs first (their links and filters), then deletes a clsact qdisc
     /// this run added, unless someone else's filters sit on it now.
     fn drop(&mut self) {
-        for iface in &self.ifaces {
+        for name in OUR_FILTERS {
             if let Some(prog) = self
                 .ebpf
-                .program_mut(program_for(iface))
+                .program_mut(name)
                 .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
             {
                 let _ = prog.unload();

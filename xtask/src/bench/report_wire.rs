@@ -42,7 +42,7 @@ pub fn wire(md: &mut String, w: &WireResults, missed: &mut Vec<String>) {
     let packets = stat(w.packets.clone());
     let net: Vec<f64> = w.ns.iter().zip(&w.floor).map(|(a, f)| a - f).collect();
     for (name, samples) in [
-        ("tcprtt (`tcprtt_wire_eth`)", w.ns.clone()),
+        ("tcprtt (`tcprtt_eth_in`, `tcprtt_eth_out`)", w.ns.clone()),
         (EMPTY_TC_PROGRAM, w.floor.clone()),
         ("tcprtt − empty, per round", net),
     ] {

@@ -427,19 +427,25 @@ fn wire_attaches(run: &Run, outs: &[Output]) -> Result<String> {
     ensure!(samples > 0, "no sample: {}", out.stderr);
     let seen = &w.while_tracing;
     let n = w.tracers;
-    let ours = |names: &[String]| names.len() == n && names.iter().all(|p| p == "tcprtt_wire_eth");
+    // Each direction has its own program, which tells the samples' side.
+    let programs = ["tcprtt_eth_in", "tcprtt_eth_out"];
+    let ours =
+        |names: &[String], program: &str| names.len() == n && names.iter().all(|p| p == program);
     let how = match hook {
         "tcx" => {
             let tcx = seen.tcx.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
             ensure!(
-                tcx.iter().all(|names| ours(names)),
+                tcx.iter().zip(programs).all(|(names, p)| ours(names, p)),
                 "{n} wire tracers, TCX ingress and egress hold {tcx:?}"
             );
             ensure!(
                 seen.clsact.is_empty() && seen.filters.iter().all(Vec::is_empty),
                 "a clsact qdisc or filters beside TCX: {seen:?}"
             );
-            format!("tcprtt_wire_eth as a TCX link on ingress and egress ({n} per hook), no qdisc")
+            format!(
+                "tcprtt_eth_in as a TCX link on ingress and tcprtt_eth_out on egress \
+                 ({n} per hook), no qdisc"
+            )
         }
         _ => {
             let refused = out
@@ -456,14 +462,20 @@ fn wire_attaches(run: &Run, outs: &[Output]) -> Result<String> {
                 "TCX programs on a clsact kernel: {seen:?}"
             );
             ensure!(!seen.clsact.is_empty(), "no clsact qdisc while tracing");
-            for (hook, filters) in ["ingress", "egress"].iter().zip(&seen.filters) {
+            for ((hook, filters), program) in ["ingress", "egress"]
+                .iter()
+                .zip(&seen.filters)
+                .zip(programs)
+            {
+                let named = format!(" {program} ");
                 ensure!(
-                    filters.len() == n && filters.iter().all(|f| f.contains(" tcprtt_wire_eth ")),
+                    filters.len() == n && filters.iter().all(|f| f.contains(&named)),
                     "{n} wire tracers, {hook} filters: {filters:?}"
                 );
             }
             format!(
-                "{} (modules {}); tcprtt_wire_eth as a filter on clsact ingress and egress ({n} per hook)",
+                "{} (modules {}); tcprtt_eth_in as a filter on clsact ingress and \
+                 tcprtt_eth_out on egress ({n} per hook)",
                 refused.trim_start_matches("tcprtt: "),
                 w.modules.join(", ")
             )
@@ -494,9 +506,10 @@ fn wire_samples(run: &Run, outs: &[Output]) -> Result<String> {
     );
     let mut said = Vec::new();
     let mut client_range = (0, 0);
-    for (side, from, to) in [
-        ("client", c.client, c.server),
-        ("server", c.server, c.client),
+    // The client runs on IFACE's side: its TSvals leave through it, the server's come in.
+    for (side, from, to, crossed) in [
+        ("client", c.client, c.server, "egress"),
+        ("server", c.server, c.client, "ingress"),
     ] {
         let h = rows
             .iter()
@@ -512,6 +525,11 @@ fn wire_samples(run: &Run, outs: &[Output]) -> Result<String> {
             h["source"] == "wire",
             "the {side} row's source is {}",
             h["source"]
+        );
+        ensure!(
+            h["key"]["iface"] == IFACE && h["key"]["side"] == crossed,
+            "the {side} row is not at {IFACE} {crossed}: {}",
+            h["key"]
         );
         let n = count(h)?;
         // One TSval per request (or reply), plus the SYN's and the FIN's; the first
