@@ -5,12 +5,18 @@
 //! an immutable [`Snapshot`]. A scrape takes the current snapshot (an `Arc` clone under a
 //! lock held for nothing else) and encodes it on a blocking thread, so a scrape never
 //! holds up a drain, and every scrape shows the drains so far exactly.
+//!
+//! Encoding a histogram series (29 or 195 lines, each with its labels and a float `le`)
+//! is what a scrape costs, and most series have no new sample between two scrapes. So
+//! each series keeps the text prometheus-client encoded for it, per format, until a drain
+//! brings it a sample (the drain makes a new `Series`, with no text), and a scrape joins
+//! the texts under their metric's `# HELP`/`# TYPE` lines.
 
 use std::{
-    collections::HashMap,
+    collections::BTreeMap,
     convert::Infallible,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -50,17 +56,36 @@ pub struct PrometheusOptions {
     pub max_series: u32,
 }
 
-/// One histogram series and when it last had a sample.
-#[derive(Clone, Debug)]
+/// One histogram series, when it last had a sample, and its encoded lines in each text
+/// format once a scrape has asked for them.
+#[derive(Debug)]
 struct Series {
     hist: Histogram,
     updated: Instant,
+    text: [OnceLock<Arc<str>>; 2],
 }
 
-/// Everything a scrape shows.
+impl Series {
+    fn new(hist: Histogram, updated: Instant) -> Self {
+        Self {
+            hist,
+            updated,
+            text: Default::default(),
+        }
+    }
+}
+
+impl Clone for Series {
+    /// The copy a drain changes: without the text, which its next scrape encodes anew.
+    fn clone(&self) -> Self {
+        Self::new(self.hist.clone(), self.updated)
+    }
+}
+
+/// Everything a scrape shows. Series are kept in exposition order (by source, then key).
 #[derive(Clone, Debug)]
 pub struct Snapshot {
-    series: HashMap<(Source, Key), Arc<Series>>,
+    series: BTreeMap<(Source, Key), Arc<Series>>,
     /// Samples not counted, by reason, cumulative.
     dropped: Losses,
     /// Samples of new series refused because `max_series` were exposed already.
@@ -146,35 +171,81 @@ fn metric_name(source: Source) -> &'static str {
     }
 }
 
-impl Collector for Snapshot {
+const HISTOGRAM_HELP: &str = "TCP round-trip times since tcprtt started";
+
+/// The `# HELP` and `# TYPE` lines of a source's histogram.
+#[derive(Debug)]
+struct Descriptor(Source);
+
+impl Collector for Descriptor {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
-        let mut by_source: HashMap<Source, Vec<(&Key, &Series)>> = HashMap::new();
-        for ((source, key), series) in &self.series {
-            by_source.entry(*source).or_default().push((key, series));
-        }
-        let mut sources: Vec<_> = by_source.into_iter().collect();
-        sources.sort_by_key(|(s, _)| *s);
-        let scale = per_second(self.unit);
-        for (source, mut series) in sources {
-            series.sort_by(|a, b| a.0.cmp(b.0));
-            let mut metric = encoder.encode_descriptor(
-                metric_name(source),
-                "TCP round-trip times since tcprtt started",
+        encoder
+            .encode_descriptor(
+                metric_name(self.0),
+                HISTOGRAM_HELP,
                 None,
                 MetricType::Histogram,
-            )?;
-            for (key, s) in series {
-                let labels = labels(key);
-                let mut family = metric.encode_family(&labels)?;
-                family.encode_histogram::<NoLabelSet>(
-                    s.hist.sum as f64 / scale,
-                    s.hist.count,
-                    &buckets(&s.hist, self.unit, self.fine_buckets),
-                    None,
-                )?;
-            }
-        }
+            )
+            .map(drop)
+    }
+}
 
+/// What prometheus-client needs of one histogram series.
+#[derive(Debug)]
+struct SeriesData {
+    labels: Vec<(&'static str, String)>,
+    sum: f64,
+    count: u64,
+    buckets: Vec<(f64, u64)>,
+}
+
+impl SeriesData {
+    fn of(snapshot: &Snapshot, key: &Key, series: &Series) -> Self {
+        let hist = &series.hist;
+        Self {
+            labels: labels(key),
+            sum: hist.sum as f64 / per_second(snapshot.unit),
+            count: hist.count,
+            buckets: buckets(hist, snapshot.unit, snapshot.fine_buckets),
+        }
+    }
+}
+
+/// Series of one source, encoded together under their descriptor.
+#[derive(Debug)]
+struct Batch {
+    source: Source,
+    series: Vec<SeriesData>,
+}
+
+impl Collector for Batch {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let mut metric = encoder.encode_descriptor(
+            metric_name(self.source),
+            HISTOGRAM_HELP,
+            None,
+            MetricType::Histogram,
+        )?;
+        for s in &self.series {
+            metric
+                .encode_family(&s.labels)?
+                .encode_histogram::<NoLabelSet>(s.sum, s.count, &s.buckets, None)?;
+        }
+        Ok(())
+    }
+}
+
+/// The counters and gauges that follow the histograms.
+#[derive(Debug)]
+struct Totals {
+    dropped: Losses,
+    over_series_limit: u64,
+    series: usize,
+    hook: &'static str,
+}
+
+impl Collector for Totals {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         let dropped = [
             ("max_keys", self.dropped.dropped),
             ("no_memory", self.dropped.no_memory),
@@ -203,7 +274,7 @@ impl Collector for Snapshot {
             None,
             MetricType::Gauge,
         )?;
-        ConstGauge::new(self.series.len() as i64).encode(metric)?;
+        ConstGauge::new(self.series as i64).encode(metric)?;
         let mut metric = encoder.encode_descriptor(
             "tcprtt_build_info",
             "tcprtt's version and the hook it traces",
@@ -238,20 +309,148 @@ impl Wire {
     }
 }
 
-/// A snapshot in the requested format.
-fn encode(snapshot: Arc<Snapshot>, wire: Wire) -> String {
-    let mut registry = Registry::default();
-    // prometheus-client implements `Collector` for `Arc<T>`: the snapshot is not copied.
-    registry.register_collector(Box::new(snapshot));
-    let mut out = String::new();
-    let encoded = match wire {
-        Wire::Prometheus => {
-            prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)
+impl Wire {
+    /// Index of the format's text in [`Series::text`].
+    fn index(self) -> usize {
+        match self {
+            Self::Prometheus => 0,
+            Self::OpenMetrics => 1,
         }
-        Wire::OpenMetrics => prometheus_client::encoding::text::encode(&mut out, &registry),
+    }
+
+    /// What prometheus-client writes for `collector` in this format (no OpenMetrics
+    /// `# EOF`: the exposition adds it once at its end).
+    fn text_of(self, collector: impl Collector) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(collector));
+        let mut out = String::new();
+        // Writing into a String never fails, nor does any of these collectors.
+        let _ = match self {
+            Self::Prometheus => {
+                prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)
+            }
+            Self::OpenMetrics => {
+                prometheus_client::encoding::text::encode_registry(&mut out, &registry)
+            }
+        };
+        out
+    }
+}
+
+/// The text of a batch without its descriptor (the comment lines it starts with).
+fn without_descriptor(text: &str) -> &str {
+    let mut rest = text;
+    while rest.starts_with('#') {
+        rest = rest.split_once('\n').map_or("", |(_, after)| after);
+    }
+    rest
+}
+
+/// Each series' lines, as prometheus-client encodes them under their descriptor: the
+/// batch's text cut every `lines` lines (a histogram series is its buckets, `_sum` and
+/// `_count`, in either format; label values hold no line break, the encoder escapes it).
+/// `None` if the text does not split into `n` series.
+fn split_series(text: &str, lines: usize, n: usize) -> Option<Vec<Arc<str>>> {
+    let body = without_descriptor(text);
+    let mut out = Vec::with_capacity(n);
+    let mut start = 0;
+    for (i, (at, _)) in body.match_indices('\n').enumerate() {
+        if (i + 1) % lines == 0 {
+            out.push(Arc::from(&body[start..=at]));
+            start = at + 1;
+        }
+    }
+    (out.len() == n && start == body.len()).then_some(out)
+}
+
+/// Lines of each series: one per bucket, `_sum` and `_count`.
+fn series_lines(snapshot: &Snapshot) -> usize {
+    let buckets = if snapshot.fine_buckets {
+        FINE_BUCKETS
+    } else {
+        LOG2_SLOTS
     };
-    encoded.expect("writing to a String cannot fail");
+    buckets + 2
+}
+
+/// Encodes the series of `snapshot` that have no text in `wire` format yet, each source's
+/// in one batch.
+fn encode_missing(snapshot: &Snapshot, wire: Wire) {
+    let index = wire.index();
+    for source in [Source::Srtt, Source::Wire] {
+        let missing: Vec<&Series> = snapshot
+            .series
+            .iter()
+            .filter(|((s, _), series)| *s == source && series.text[index].get().is_none())
+            .map(|(_, series)| series.as_ref())
+            .collect();
+        if missing.is_empty() {
+            continue;
+        }
+        let data = snapshot
+            .series
+            .iter()
+            .filter(|((s, _), series)| *s == source && series.text[index].get().is_none())
+            .map(|((_, key), series)| SeriesData::of(snapshot, key, series))
+            .collect();
+        let text = wire.text_of(Batch {
+            source,
+            series: data,
+        });
+        if let Some(texts) = split_series(&text, series_lines(snapshot), missing.len()) {
+            for (series, text) in missing.iter().zip(texts) {
+                // A scrape that ran alongside may have set the same text first.
+                let _ = series.text[index].set(text);
+            }
+        }
+    }
+}
+
+/// A snapshot in the requested format: each source's descriptor and its series' texts
+/// (encoded now for the series that have none yet), then the counters and gauges.
+fn encode(snapshot: Arc<Snapshot>, wire: Wire) -> String {
+    encode_missing(&snapshot, wire);
+    let mut out = String::with_capacity(snapshot.text_len(wire));
+    let mut current = None;
+    for ((source, key), series) in &snapshot.series {
+        if current != Some(*source) {
+            current = Some(*source);
+            out.push_str(&wire.text_of(Descriptor(*source)));
+        }
+        // Set above, unless the batch's text did not split as expected: then this
+        // series alone.
+        out.push_str(series.text[wire.index()].get_or_init(|| {
+            let text = wire.text_of(Batch {
+                source: *source,
+                series: vec![SeriesData::of(&snapshot, key, series)],
+            });
+            Arc::from(without_descriptor(&text))
+        }));
+    }
+    out.push_str(&wire.text_of(Totals {
+        dropped: snapshot.dropped,
+        over_series_limit: snapshot.over_series_limit,
+        series: snapshot.series.len(),
+        hook: snapshot.hook,
+    }));
+    if wire == Wire::OpenMetrics {
+        let _ = prometheus_client::encoding::text::encode_eof(&mut out);
+    }
     out
+}
+
+impl Snapshot {
+    /// About the length of the snapshot's text in `wire` format, from the series already
+    /// encoded (the others are guessed at the same length): the output is allocated once.
+    fn text_len(&self, wire: Wire) -> usize {
+        let known: Vec<usize> = self
+            .series
+            .values()
+            .filter_map(|s| s.text[wire.index()].get().map(|t| t.len()))
+            .collect();
+        let each = known.iter().sum::<usize>() / known.len().max(1);
+        each.max(2048) * self.series.len() + 4096
+    }
 }
 
 fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
@@ -368,7 +567,7 @@ impl Exposition {
             .local_addr()
             .context("reading the Prometheus listener's address")?;
         let current = Snapshot {
-            series: HashMap::new(),
+            series: BTreeMap::new(),
             dropped: Losses::default(),
             over_series_limit: 0,
             hook,
@@ -400,19 +599,16 @@ impl Exposition {
             let full = snap.series.len() >= self.max_series;
             match snap.series.get_mut(&id) {
                 Some(series) => {
-                    let series = Arc::make_mut(series);
-                    series.hist.absorb(&row.hist);
-                    series.updated = now;
+                    let mut hist = series.hist.clone();
+                    hist.absorb(&row.hist);
+                    // A new series, without the text encoded for the old one. Scrapes
+                    // holding the old one go on with it.
+                    *series = Arc::new(Series::new(hist, now));
                 }
                 None if full => snap.over_series_limit += row.hist.count,
                 None => {
-                    snap.series.insert(
-                        id,
-                        Arc::new(Series {
-                            hist: row.hist.clone(),
-                            updated: now,
-                        }),
-                    );
+                    snap.series
+                        .insert(id, Arc::new(Series::new(row.hist.clone(), now)));
                 }
             }
         }
@@ -441,10 +637,7 @@ mod tests {
                 .map(|r| {
                     (
                         (r.source, r.key.clone()),
-                        Arc::new(Series {
-                            hist: r.hist.clone(),
-                            updated: now,
-                        }),
+                        Arc::new(Series::new(r.hist.clone(), now)),
                     )
                 })
                 .collect(),
@@ -492,6 +685,128 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_series_text_is_encoded_once_and_anew_after_a_drain_changes_it() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let opts = PrometheusOptions {
+                addr: "127.0.0.1:0".parse().unwrap(),
+                fine_buckets: false,
+                ttl: Duration::from_secs(600),
+                max_series: 10,
+            };
+            let listener = bind(opts.addr).await.unwrap();
+            let mut e = Exposition::start(listener, &opts, "tp_btf", Unit::Micros).unwrap();
+            let a = row(BY_RADDR, v4([127, 0, 0, 2]), &[5, 7]);
+            let b = row(BY_RADDR, v4([127, 0, 0, 3]), &[9]);
+            e.add(&[a.clone(), b.clone()], Losses::default());
+            let first = Arc::clone(&e.published.lock().unwrap());
+            let text = encode(Arc::clone(&first), Wire::Prometheus);
+            assert_eq!(text, encode(Arc::clone(&first), Wire::Prometheus));
+            e.add(std::slice::from_ref(&a), Losses::default());
+            let second = Arc::clone(&e.published.lock().unwrap());
+            let text = encode(Arc::clone(&second), Wire::Prometheus);
+            assert!(
+                text.contains("tcprtt_srtt_seconds_count{family=\"ipv4\",raddr=\"127.0.0.2\"} 4\n"),
+                "{text}"
+            );
+            let cached = |snap: &Snapshot, key: &Key| {
+                snap.series[&(Source::Srtt, key.clone())].text[0]
+                    .get()
+                    .cloned()
+                    .unwrap()
+            };
+            assert!(Arc::ptr_eq(
+                &cached(&first, &b.key),
+                &cached(&second, &b.key)
+            ));
+            assert!(!Arc::ptr_eq(
+                &cached(&first, &a.key),
+                &cached(&second, &a.key)
+            ));
+            // The first snapshot, still held, shows what it showed.
+            assert!(
+                encode(first, Wire::Prometheus)
+                    .contains("tcprtt_srtt_seconds_count{family=\"ipv4\",raddr=\"127.0.0.2\"} 2\n")
+            );
+        });
+    }
+
+    /// The exposition as one registry of every collector encodes it, without the
+    /// cached series texts.
+    fn in_one_piece(snap: &Snapshot, wire: Wire) -> String {
+        let mut registry = Registry::default();
+        for source in [Source::Srtt, Source::Wire] {
+            let series: Vec<SeriesData> = snap
+                .series
+                .iter()
+                .filter(|((s, _), _)| *s == source)
+                .map(|((_, key), series)| SeriesData::of(snap, key, series))
+                .collect();
+            if !series.is_empty() {
+                registry.register_collector(Box::new(Batch { source, series }));
+            }
+        }
+        registry.register_collector(Box::new(Totals {
+            dropped: snap.dropped,
+            over_series_limit: snap.over_series_limit,
+            series: snap.series.len(),
+            hook: snap.hook,
+        }));
+        let mut out = String::new();
+        match wire {
+            Wire::Prometheus => {
+                prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)
+            }
+            Wire::OpenMetrics => prometheus_client::encoding::text::encode(&mut out, &registry),
+        }
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn joined_series_texts_are_the_exposition_in_one_piece() {
+        use tcprtt_common::side::EGRESS;
+        for fine in [false, true] {
+            let mut snap = snapshot(&[
+                row(BY_RADDR, v4([127, 0, 0, 2]), &[40, 41, 3000]),
+                row(BY_RADDR, v6("2001:db8::1"), &[1]),
+                wire_row(
+                    BY_RADDR,
+                    wire_v4([1, 2, 3, 4], 0, [5, 6, 7, 8], 0, 2, EGRESS),
+                    &[9],
+                ),
+            ]);
+            snap.fine_buckets = fine;
+            for wire in [Wire::Prometheus, Wire::OpenMetrics] {
+                let whole = in_one_piece(&snap, wire);
+                let lines = series_lines(&snap);
+                let srtt = wire.text_of(Batch {
+                    source: Source::Srtt,
+                    series: snap
+                        .series
+                        .iter()
+                        .take(2)
+                        .map(|((_, k), s)| SeriesData::of(&snap, k, s))
+                        .collect(),
+                });
+                assert_eq!(split_series(&srtt, lines, 2).map(|t| t.len()), Some(2));
+                assert_eq!(split_series(&srtt, lines, 3), None);
+                let snap = Arc::new(snap.clone());
+                assert_eq!(
+                    encode(Arc::clone(&snap), wire),
+                    whole,
+                    "{wire:?} fine {fine}"
+                );
+                // Again, from the texts the first scrape left.
+                assert_eq!(encode(snap, wire), whole, "{wire:?} fine {fine}");
+            }
+        }
     }
 
     #[test]
