@@ -7,17 +7,19 @@
 //! rounds that alternate between the things compared.
 //!
 //! `cpeer` builds the C peer, `peers` holds the traffic and the tracer children, `kernel`
-//! what is read from the kernel, `runs`, `keys` and `wire` the phases that sample, and
-//! `report`, `report_keys`, `report_memory` and `report_wire` turn the samples into
-//! BENCHMARKS.md.
+//! what is read from the kernel, `runs`, `keys`, `wire` and `prometheus` the phases that
+//! sample, and `report`, `report_keys`, `report_memory`, `report_wire` and
+//! `report_prometheus` turn the samples into BENCHMARKS.md.
 
 mod cpeer;
 mod kernel;
 mod keys;
 mod peers;
+mod prometheus;
 mod report;
 mod report_keys;
 mod report_memory;
+mod report_prometheus;
 mod report_wire;
 mod runs;
 mod wire;
@@ -213,6 +215,11 @@ pub fn run(project: &Project) -> Result<()> {
     );
     eprintln!("bench: wire source on a veth pair ({ROUNDS} rounds, iperf3)");
     let wire = wire::wire(&tools.tcprtt, &object)?;
+    eprintln!(
+        "bench: Prometheus exposition with {} series",
+        prometheus::SERIES
+    );
+    let prometheus = prometheus::prometheus(&tools, server)?;
     kernel::ensure_unloaded(&peers::held_programs())?;
 
     let markdown = report::render(&report::Results {
@@ -227,6 +234,7 @@ pub fn run(project: &Project) -> Result<()> {
         new_keys,
         sustained,
         wire,
+        prometheus,
         took: began.elapsed(),
     })?;
     fs::write(project.root.join("BENCHMARKS.md"), &markdown).context("writing BENCHMARKS.md")?;

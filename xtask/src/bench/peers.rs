@@ -210,6 +210,11 @@ impl Tracer {
         }
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Peak resident set size so far, in KiB.
     pub fn peak_rss_kib(&self) -> Result<u64> {
         let path = format!("/proc/{}/status", self.child.id());

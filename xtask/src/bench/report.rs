@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use super::{
     COST_ROUND_TRIPS, EMPTY_PROGRAM, Mode, ROUNDS, Stat, Tool,
     keys::{KeyCost, Sustained},
-    report_keys, report_memory, report_wire,
+    report_keys, report_memory, report_prometheus, report_wire,
     runs::{Lifecycle, ModeCost, ToolCost},
     stat,
 };
@@ -22,6 +22,7 @@ pub struct Results<'a> {
     pub new_keys: Vec<(Tool, KeyCost)>,
     pub sustained: Sustained,
     pub wire: super::wire::WireResults,
+    pub prometheus: super::prometheus::PromResults,
     pub took: Duration,
 }
 
@@ -61,6 +62,7 @@ pub fn render(r: &Results) -> Result<String> {
     report_keys::sustained(&mut md, &r.sustained, &mut missed);
     lifecycle(&mut md, &r.lifecycle, &mut missed);
     report_wire::wire(&mut md, &r.wire, &mut missed);
+    report_prometheus::prometheus(&mut md, &r.prometheus, &mut missed);
     md.push_str("\n## Targets missed\n\n");
     if missed.is_empty() {
         md.push_str("None.\n");
