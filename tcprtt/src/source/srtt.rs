@@ -37,15 +37,21 @@ struct Hook {
     load_and_attach: fn(&mut Program, &Btf) -> Result<(), ProgramError>,
 }
 
+/// The kernel function the fentry program runs at.
+const FENTRY_TARGET: &str = "tcp_rcv_established";
+/// The tracepoint the tp_btf program runs at, and the typedef the kernel's BTF names it by.
+const TP_BTF_TARGET: &str = "tcp_probe";
+const TP_BTF_TYPEDEF: &str = "btf_trace_tcp_probe";
+
 fn fentry(prog: &mut Program, btf: &Btf) -> Result<(), ProgramError> {
     let p: &mut FEntry = prog.try_into()?;
-    p.load("tcp_rcv_established", btf)?;
+    p.load(FENTRY_TARGET, btf)?;
     p.attach().map(drop)
 }
 
 fn tp_btf(prog: &mut Program, btf: &Btf) -> Result<(), ProgramError> {
     let p: &mut BtfTracePoint = prog.try_into()?;
-    p.load("tcp_probe", btf)?;
+    p.load(TP_BTF_TARGET, btf)?;
     p.attach().map(drop)
 }
 
@@ -206,22 +212,34 @@ impl Srtt {
     /// hook `opts.attach` allows that the kernel accepts.
     pub fn load(opts: &Options, object: &[u8]) -> Result<Self> {
         let path = btf_path(opts)?;
-        let data = btf::read_file(&path)?;
-        let offsets = KernelBtf::parse(&data)
-            .and_then(|kernel| socket_offsets(&kernel))
-            .with_context(|| format!("resolving socket field offsets from {}", path.display()))?;
-        let btf = Btf::parse(&data, aya::Endianness::default())
-            .with_context(|| format!("parsing BTF in {}", path.display()))?;
-        drop(data);
+        // The kernel's BTF is read and indexed once, and freed before aya's loader makes
+        // its own parse of it, so the two never hold memory at the same time.
+        let (offsets, targets) = {
+            let data = btf::read_file(&path)?;
+            let kernel = KernelBtf::parse(&data)
+                .with_context(|| format!("reading the BTF in {}", path.display()))?;
+            let offsets = socket_offsets(&kernel).with_context(|| {
+                format!("resolving socket field offsets from {}", path.display())
+            })?;
+            (
+                offsets,
+                kernel.attach_targets(&[TP_BTF_TYPEDEF], &[FENTRY_TARGET]),
+            )
+        };
         let config = probe_config(opts, offsets);
+        // The object has no CO-RE relocations (the offsets travel in CONFIG), so the
+        // loader needs no kernel BTF; aya 0.14's `EbpfLoader::new()` parses it anyway,
+        // and `.btf(None)` at least frees that parse before the object loads.
         let mut ebpf = load_with_filters(
             EbpfLoader::new()
-                .btf(Some(&btf))
+                .btf(None)
                 .override_global("CONFIG", &config, true),
             opts,
             object,
         )?;
-
+        let btf = Btf::parse(&targets, aya::Endianness::default())
+            .context("parsing the BTF of the attach targets")?;
+        drop(targets);
         let (hook, refusals) = attach(&mut ebpf, &btf, opts)?;
         let fd = ebpf
             .program(hook.program)
