@@ -13,6 +13,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
+use aya_obj::btf::{BtfType, Func, FuncLinkage};
 
 /// The largest BTF file tcprtt reads. A kernel's own BTF is a few MiB (5.3 MiB for
 /// the 6.18 kernel of the development machines); a file larger than this is not one.
@@ -106,6 +107,12 @@ impl Header {
     fn kind_flag(self) -> bool {
         self.info >> 31 == 1
     }
+}
+
+/// The NUL-terminated string at `offset`, without its NUL; empty when out of range.
+fn c_str_at(strings: &[u8], offset: u32) -> &[u8] {
+    let tail = strings.get(offset as usize..).unwrap_or_default();
+    &tail[..tail.iter().position(|b| *b == 0).unwrap_or(tail.len())]
 }
 
 /// Bytes that follow the 12-byte common header of a type of `kind`.
@@ -226,9 +233,7 @@ impl<'a> KernelBtf<'a> {
     }
 
     fn name_at(&self, offset: u32) -> String {
-        let tail = self.strings.get(offset as usize..).unwrap_or_default();
-        let end = tail.iter().position(|b| *b == 0).unwrap_or(tail.len());
-        String::from_utf8_lossy(&tail[..end]).into_owned()
+        String::from_utf8_lossy(c_str_at(self.strings, offset)).into_owned()
     }
 
     /// The id of the first type of `kind` named `name`.
@@ -240,44 +245,13 @@ impl<'a> KernelBtf<'a> {
     }
 
     /// The id of the typedef `name` (`btf_trace_<tracepoint>`, a tp_btf program's target).
-    fn typedef_id(&self, name: &str) -> Option<u32> {
+    pub fn typedef_id(&self, name: &str) -> Option<u32> {
         self.find(KIND_TYPEDEF, name)
     }
 
     /// The id of the function `name` (an fentry program's target).
-    fn func_id(&self, name: &str) -> Option<u32> {
+    pub fn func_id(&self, name: &str) -> Option<u32> {
         self.find(KIND_FUNC, name)
-    }
-
-    /// A BTF blob holding, at the ids they have here, only the typedefs `typedefs` and the
-    /// functions `funcs` this BTF has; every id before the last of them is a placeholder.
-    /// aya resolves a tracing program's attach target by name in its own `Btf`, and this
-    /// is what it needs of the kernel's, for a fraction of the parse.
-    pub fn attach_targets(&self, typedefs: &[&str], funcs: &[&str]) -> Vec<u8> {
-        let mut found: Vec<(u32, &str, bool)> = typedefs
-            .iter()
-            .filter_map(|name| Some((self.typedef_id(name)?, *name, true)))
-            .chain(
-                funcs
-                    .iter()
-                    .filter_map(|name| Some((self.func_id(name)?, *name, false))),
-            )
-            .collect();
-        found.sort_unstable();
-        let mut out = Writer::new();
-        let mut next = 1;
-        for (id, name, typedef) in found {
-            for _ in next..id {
-                out.placeholder();
-            }
-            if typedef {
-                out.typedef(name, 0);
-            } else {
-                out.func(name, 0);
-            }
-            next = id + 1;
-        }
-        out.build()
     }
 
     /// Looks through typedefs and qualifiers to a struct or union; returns its name offset
@@ -388,8 +362,39 @@ impl<'a> KernelBtf<'a> {
     }
 }
 
-/// Writes a little-endian BTF blob, type by type. The tests build miniatures of a kernel's
-/// BTF with it; [`KernelBtf::attach_targets`] builds the stand-in aya resolves names in.
+/// aya resolves a tracing program's attach target by name in its own `Btf`, and parsing
+/// the kernel's whole BTF into one for a single name costs tens of milliseconds and MiBs.
+/// These stand-ins hold only the target, at the id it has in the kernel's BTF; every id
+/// before it is a placeholder that names nothing.
+///
+/// A typedef (a tp_btf target) can only be made by parsing, so this one parses a blob.
+pub fn typedef_stand_in(name: &str, id: u32) -> Result<aya::Btf> {
+    let mut out = Writer::new();
+    for _ in 1..id {
+        out.placeholder();
+    }
+    out.typedef(name, 0);
+    aya::Btf::parse(&out.build(), aya::Endianness::Little)
+        .with_context(|| format!("making the BTF that names {name} for aya"))
+}
+
+/// A function (an fentry target): aya builds one directly, without a parse.
+pub fn func_stand_in(name: &str, id: u32) -> aya::Btf {
+    let mut btf = aya::Btf::new();
+    let name_offset = btf.add_string(name);
+    for _ in 1..id {
+        btf.add_type(BtfType::Unknown);
+    }
+    btf.add_type(BtfType::Func(Func::new(
+        name_offset,
+        0,
+        FuncLinkage::Static,
+    )));
+    btf
+}
+
+/// Writes a little-endian BTF blob, type by type: the stand-in above, and the tests'
+/// miniatures of a kernel's BTF.
 #[derive(Debug)]
 struct Writer {
     types: Vec<u8>,
@@ -425,19 +430,11 @@ impl Writer {
         self.word(0);
     }
 
-    pub fn typedef(&mut self, name: &str, target: u32) {
+    fn typedef(&mut self, name: &str, target: u32) {
         let n = self.name(name);
         self.word(n);
         self.word(KIND_TYPEDEF << 24);
         self.word(target);
-    }
-
-    /// A static function whose prototype is type `proto`.
-    pub fn func(&mut self, name: &str, proto: u32) {
-        let n = self.name(name);
-        self.word(n);
-        self.word(KIND_FUNC << 24);
-        self.word(proto);
     }
 
     fn build(&self) -> Vec<u8> {
@@ -461,6 +458,14 @@ impl Writer {
 
 #[cfg(test)]
 impl Writer {
+    /// A static function whose prototype is type `proto`.
+    fn func(&mut self, name: &str, proto: u32) {
+        let n = self.name(name);
+        self.word(n);
+        self.word(KIND_FUNC << 24);
+        self.word(proto);
+    }
+
     fn int(&mut self, name: &str, size: u32) {
         let n = self.name(name);
         self.word(n);
@@ -530,6 +535,7 @@ mod tests {
             &[("sk", 7, 0, 0), ("srtt_us", 2, 320, 0)],
         ); // 8
         b.typedef("btf_trace_tcp_probe", 2); // 9
+        b.func("tcp_rcv_established", 0); // 10
         b.build()
     }
 
@@ -555,34 +561,29 @@ mod tests {
         assert_eq!(btf.typedef_id("btf_trace_tcp"), None);
         assert_eq!(btf.typedef_id("sock"), None);
         assert_eq!(btf.func_id("btf_trace_tcp_probe"), None);
+        assert_eq!(btf.func_id("tcp_rcv_established"), Some(10));
+        assert_eq!(btf.typedef_id("tcp_rcv_established"), None);
     }
 
     #[test]
-    fn the_attach_target_stand_in_keeps_the_kernels_ids() {
-        let mut b = Writer::new();
-        b.int("u32", 4); // 1
-        b.typedef("btf_trace_tcp_probe", 1); // 2
-        b.int("u16", 2); // 3
-        b.func("tcp_rcv_established", 0); // 4
-        let blob = b.build();
-        let kernel = KernelBtf::parse(&blob).unwrap();
-        let stand_in =
-            kernel.attach_targets(&["btf_trace_tcp_probe"], &["tcp_rcv_established", "nope"]);
-        let ours = KernelBtf::parse(&stand_in).unwrap();
-        assert_eq!(ours.typedef_id("btf_trace_tcp_probe"), Some(2));
-        assert_eq!(ours.func_id("tcp_rcv_established"), Some(4));
-        assert_eq!(ours.func_id("nope"), None);
-        let aya = aya::Btf::parse(&stand_in, aya::Endianness::default()).unwrap();
+    fn the_attach_target_stand_ins_keep_the_kernels_ids() {
         let kind = |k| aya_obj::btf::BtfKind::try_from(k).unwrap();
+        let typedef = typedef_stand_in("btf_trace_tcp_probe", 38).unwrap();
         assert_eq!(
-            aya.id_by_type_name_kind("btf_trace_tcp_probe", kind(KIND_TYPEDEF))
+            typedef
+                .id_by_type_name_kind("btf_trace_tcp_probe", kind(KIND_TYPEDEF))
                 .unwrap(),
-            2
+            38
         );
+        let func = func_stand_in("tcp_rcv_established", 1140);
         assert_eq!(
-            aya.id_by_type_name_kind("tcp_rcv_established", kind(KIND_FUNC))
+            func.id_by_type_name_kind("tcp_rcv_established", kind(KIND_FUNC))
                 .unwrap(),
-            4
+            1140
+        );
+        assert!(
+            func.id_by_type_name_kind("tcp_rcv_established", kind(KIND_TYPEDEF))
+                .is_err()
         );
     }
 

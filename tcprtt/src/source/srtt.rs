@@ -34,6 +34,10 @@ struct Hook {
     program: &'static str,
     /// Added to the error when this hook was asked for alone and refused.
     hint: &'static str,
+    /// The id of the program's target in the kernel's BTF, if it has one.
+    target_id: fn(&KernelBtf) -> Option<u32>,
+    /// A BTF naming the target at that id, for aya to resolve it in.
+    stand_in: fn(u32) -> Result<Btf>,
     load_and_attach: fn(&mut Program, &Btf) -> Result<(), ProgramError>,
 }
 
@@ -64,6 +68,8 @@ const HOOKS: [Hook; 2] = [
         choice: Attach::Fentry,
         program: "tcprtt_fentry",
         hint: ": try --attach tp-btf",
+        target_id: |kernel| kernel.func_id(FENTRY_TARGET),
+        stand_in: |id| Ok(btf::func_stand_in(FENTRY_TARGET, id)),
         load_and_attach: fentry,
     },
     Hook {
@@ -72,6 +78,8 @@ const HOOKS: [Hook; 2] = [
         choice: Attach::TpBtf,
         program: "tcprtt_tp_btf",
         hint: "",
+        target_id: |kernel| kernel.typedef_id(TP_BTF_TYPEDEF),
+        stand_in: |id| btf::typedef_stand_in(TP_BTF_TYPEDEF, id),
         load_and_attach: tp_btf,
     },
 ];
@@ -214,17 +222,14 @@ impl Srtt {
         let path = btf_path(opts)?;
         // The kernel's BTF is read and indexed once, and freed before aya's loader makes
         // its own parse of it, so the two never hold memory at the same time.
-        let (offsets, targets) = {
+        let (offsets, target_ids) = {
             let data = btf::read_file(&path)?;
             let kernel = KernelBtf::parse(&data)
                 .with_context(|| format!("reading the BTF in {}", path.display()))?;
             let offsets = socket_offsets(&kernel).with_context(|| {
                 format!("resolving socket field offsets from {}", path.display())
             })?;
-            (
-                offsets,
-                kernel.attach_targets(&[TP_BTF_TYPEDEF], &[FENTRY_TARGET]),
-            )
+            (offsets, HOOKS.map(|hook| (hook.target_id)(&kernel)))
         };
         let config = probe_config(opts, offsets);
         // The object has no CO-RE relocations (the offsets travel in CONFIG), so the
@@ -237,10 +242,7 @@ impl Srtt {
             opts,
             object,
         )?;
-        let btf = Btf::parse(&targets, aya::Endianness::default())
-            .context("parsing the BTF of the attach targets")?;
-        drop(targets);
-        let (hook, refusals) = attach(&mut ebpf, &btf, opts)?;
+        let (hook, refusals) = attach(&mut ebpf, target_ids, opts)?;
         let fd = ebpf
             .program(hook.program)
             .context("tcprtt's program vanished from the object")?
@@ -301,18 +303,24 @@ impl Srtt {
 /// the ones before it did not.
 fn attach(
     ebpf: &mut Ebpf,
-    btf: &Btf,
+    target_ids: [Option<u32>; HOOKS.len()],
     opts: &Options,
 ) -> Result<(&'static Hook, Vec<(&'static Hook, Refusal)>)> {
     let mut refusals = Vec::new();
-    for hook in HOOKS
+    for (hook, target_id) in HOOKS
         .iter()
-        .filter(|h| opts.attach == Attach::Auto || opts.attach == h.choice)
+        .zip(target_ids)
+        .filter(|(h, _)| opts.attach == Attach::Auto || opts.attach == h.choice)
     {
+        // Without its target the load fails naming it, which is the refusal to report.
+        let btf = match target_id {
+            Some(id) => (hook.stand_in)(id)?,
+            None => Btf::new(),
+        };
         let prog = ebpf
             .program_mut(hook.program)
             .ok_or_else(|| anyhow!("program {} missing from the eBPF object", hook.program))?;
-        match (hook.load_and_attach)(prog, btf) {
+        match (hook.load_and_attach)(prog, &btf) {
             Ok(()) => return Ok((hook, refusals)),
             Err(err) => refusals.push((hook, Refusal::new(&err))),
         }
