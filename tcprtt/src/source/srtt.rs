@@ -5,6 +5,7 @@ use std::{
     fmt::Write as _,
     os::fd::{AsFd, AsRawFd},
     path::PathBuf,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -200,12 +201,37 @@ struct Counters {
     extreme_contended: u64,
 }
 
+/// Where the start-up went, for `-v`.
+#[derive(Clone, Copy, Debug)]
+struct StartUp {
+    /// Reading and indexing the kernel's BTF, and the offsets and target ids from it.
+    btf: Duration,
+    /// aya's loader: its own parse of the kernel's BTF, then the object, maps and filters.
+    loader: Duration,
+    /// The hooks tried, each with its stand-in BTF, until one attached.
+    attach: Duration,
+}
+
+impl StartUp {
+    fn describe(&self) -> String {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        format!(
+            "start-up {:.1} ms: kernel BTF {:.1} ms, aya's loader {:.1} ms, attach {:.1} ms",
+            ms(self.btf + self.loader + self.attach),
+            ms(self.btf),
+            ms(self.loader),
+            ms(self.attach)
+        )
+    }
+}
+
 pub struct Srtt {
     /// Owns the programs and the maps not taken out of it; dropping it detaches.
     ebpf: Ebpf,
     hook: &'static Hook,
     /// The hooks tried before `hook` with `--attach auto`, and why each was refused.
     refusals: Vec<(&'static Hook, Refusal)>,
+    startup: StartUp,
     grouping: Grouping,
     buffers: DoubleBuffer,
     stats: PerCpuArray<MapData, u64>,
@@ -219,6 +245,7 @@ impl Srtt {
     /// Loads the program with its configuration, fills the filters and attaches at the first
     /// hook `opts.attach` allows that the kernel accepts.
     pub fn load(opts: &Options, object: &[u8]) -> Result<Self> {
+        let began = Instant::now();
         let path = btf_path(opts)?;
         // The kernel's BTF is read and indexed once, and freed before aya's loader makes
         // its own parse of it, so the two never hold memory at the same time.
@@ -231,6 +258,7 @@ impl Srtt {
             })?;
             (offsets, HOOKS.map(|hook| (hook.target_id)(&kernel)))
         };
+        let btf_read = began.elapsed();
         let config = probe_config(opts, offsets);
         // The object has no CO-RE relocations (the offsets travel in CONFIG), so the
         // loader needs no kernel BTF; aya 0.14's `EbpfLoader::new()` parses it anyway,
@@ -242,7 +270,17 @@ impl Srtt {
             opts,
             object,
         )?;
+        let loaded = began.elapsed();
         let (hook, refusals) = attach(&mut ebpf, target_ids, opts)?;
+        // What the loader and the stand-ins parsed is freed now, in pieces the allocator
+        // would keep for the rest of the run: hand them back to the kernel.
+        // SAFETY: malloc_trim only releases memory no allocation holds.
+        unsafe { libc::malloc_trim(0) };
+        let startup = StartUp {
+            btf: btf_read,
+            loader: loaded - btf_read,
+            attach: began.elapsed() - loaded,
+        };
         let fd = ebpf
             .program(hook.program)
             .context("tcprtt's program vanished from the object")?
@@ -257,6 +295,7 @@ impl Srtt {
             ebpf,
             hook,
             refusals,
+            startup,
             grouping: opts.grouping,
             totals: Counters::default(),
         })
@@ -394,8 +433,12 @@ impl Source for Srtt {
             );
         }
         // Without run-time statistics the kernel counts no runs: say nothing rather than 0.
+        let startup = self.startup.describe();
         if !stats_on {
-            return Ok(format!("tcprtt: attach point {}; {counts}", self.hook.name));
+            return Ok(format!(
+                "tcprtt: attach point {}; {counts}; {startup}",
+                self.hook.name
+            ));
         }
         let info = self.program_info()?;
         let runs = info.run_count();
@@ -407,7 +450,7 @@ impl Source for Srtt {
         };
         Ok(format!(
             "tcprtt: attach point {}; events seen {}, {counts}; in-kernel cost {per_event} \
-             ({ns} ns over {runs} runs)",
+             ({ns} ns over {runs} runs); {startup}",
             self.hook.name, c.seen
         ))
     }

@@ -210,15 +210,16 @@ impl Tracer {
         }
     }
 
-    /// Peak resident set size so far, in KiB.
-    pub fn peak_rss_kib(&self) -> Result<u64> {
+    /// A `/proc/PID/status` memory field in KiB: `VmHWM` (peak resident set size so
+    /// far) or `VmRSS` (resident now).
+    pub fn status_kib(&self, field: &str) -> Result<u64> {
         let path = format!("/proc/{}/status", self.child.id());
         let status = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .with_context(|| format!("no VmHWM in {path}"))
+            .with_context(|| format!("no {field} in {path}"))
     }
 
     /// SIGINT, then what it printed on stdout since `lines` was last read.
