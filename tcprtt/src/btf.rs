@@ -6,7 +6,6 @@
 //! socket fields in.
 
 use std::{
-    collections::HashMap,
     fs::OpenOptions,
     io::Read,
     os::unix::fs::{FileTypeExt, OpenOptionsExt},
@@ -14,6 +13,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
+use aya_obj::btf::{BtfType, Func, FuncLinkage};
 
 /// The largest BTF file tcprtt reads. A kernel's own BTF is a few MiB (5.3 MiB for
 /// the 6.18 kernel of the development machines); a file larger than this is not one.
@@ -26,6 +26,7 @@ const MAX_NESTING: usize = 16;
 const MAGIC: u16 = 0xeb9f;
 
 const KIND_INT: u32 = 1;
+const KIND_PTR: u32 = 2;
 const KIND_ARRAY: u32 = 3;
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
@@ -34,6 +35,7 @@ const KIND_TYPEDEF: u32 = 8;
 const KIND_VOLATILE: u32 = 9;
 const KIND_CONST: u32 = 10;
 const KIND_RESTRICT: u32 = 11;
+const KIND_FUNC: u32 = 12;
 const KIND_FUNC_PROTO: u32 = 13;
 const KIND_VAR: u32 = 14;
 const KIND_DATASEC: u32 = 15;
@@ -41,30 +43,25 @@ const KIND_DECL_TAG: u32 = 17;
 const KIND_TYPE_TAG: u32 = 18;
 const KIND_ENUM64: u32 = 19;
 
-#[derive(Debug, Clone)]
+/// One member of a struct or union, decoded from the type section when a lookup needs it.
+#[derive(Debug, Clone, Copy)]
 struct Member {
-    name: String,
+    name_off: u32,
     type_id: u32,
     bit_offset: u32,
     bitfield_size: u32,
 }
 
-#[derive(Debug, Clone)]
-enum Type {
-    /// A struct or union with its members.
-    Composite { name: String, members: Vec<Member> },
-    /// typedef / const / volatile / restrict / type tag: look through to `target`.
-    Alias { target: u32 },
-    /// Anything tcprtt never needs to look inside.
-    Other,
-}
-
-/// The parsed type section of one BTF blob.
+/// An index over one BTF blob: where each type starts, nothing decoded. A kernel's BTF
+/// holds over 100,000 types and tcprtt looks inside a handful, so decoding happens only in
+/// the lookups; the index costs 4 bytes a type and borrows the blob.
 #[derive(Debug)]
-pub struct KernelBtf {
-    /// Indexed by BTF type id; id 0 is `void`.
-    types: Vec<Type>,
-    structs_by_name: HashMap<String, u32>,
+pub struct KernelBtf<'a> {
+    types: &'a [u8],
+    strings: &'a [u8],
+    /// Byte offset of each type in `types`, indexed by BTF type id; id 0 is `void` and has
+    /// no entry of its own (its slot holds 0 and is never read).
+    starts: Vec<u32>,
 }
 
 fn u16_at(data: &[u8], at: usize) -> Result<u16> {
@@ -81,12 +78,52 @@ fn u32_at(data: &[u8], at: usize) -> Result<u32> {
     Ok(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
 }
 
-fn string_at(strings: &[u8], offset: u32) -> Result<String> {
-    let tail = strings
-        .get(offset as usize..)
-        .ok_or_else(|| anyhow!("BTF string offset {offset} out of range"))?;
-    let end = tail.iter().position(|b| *b == 0).unwrap_or(tail.len());
-    Ok(String::from_utf8_lossy(&tail[..end]).into_owned())
+/// The 12 bytes every BTF type starts with, and where the rest of it starts.
+#[derive(Debug, Clone, Copy)]
+struct Header {
+    name_off: u32,
+    info: u32,
+    size_or_type: u32,
+    payload: usize,
+}
+
+fn kind_of(info: u32) -> u32 {
+    (info >> 24) & 0x1f
+}
+
+/// The member or entry count.
+fn vlen_of(info: u32) -> usize {
+    (info & 0xffff) as usize
+}
+
+impl Header {
+    fn kind(self) -> u32 {
+        kind_of(self.info)
+    }
+    fn vlen(self) -> usize {
+        vlen_of(self.info)
+    }
+    /// Set on a struct or union whose member offsets carry bit-field sizes.
+    fn kind_flag(self) -> bool {
+        self.info >> 31 == 1
+    }
+}
+
+/// The NUL-terminated string at `offset`, without its NUL; empty when out of range.
+fn c_str_at(strings: &[u8], offset: u32) -> &[u8] {
+    let tail = strings.get(offset as usize..).unwrap_or_default();
+    &tail[..tail.iter().position(|b| *b == 0).unwrap_or(tail.len())]
+}
+
+/// Bytes that follow the 12-byte common header of a type of `kind`.
+fn payload_len(kind: u32, vlen: usize) -> usize {
+    match kind {
+        KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+        KIND_ARRAY => 12,
+        KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => vlen * 12,
+        KIND_ENUM | KIND_FUNC_PROTO => vlen * 8,
+        _ => 0,
+    }
 }
 
 /// Reads a BTF file: a regular file of at most [`MAX_BTF_BYTES`]. The open does not wait
@@ -138,9 +175,9 @@ pub fn read_file(path: &Path) -> Result<Vec<u8>> {
     Ok(data)
 }
 
-impl KernelBtf {
-    /// Parses a little-endian BTF blob (the layout of `/sys/kernel/btf/vmlinux`).
-    pub fn parse(data: &[u8]) -> Result<Self> {
+impl<'a> KernelBtf<'a> {
+    /// Indexes a little-endian BTF blob (the layout of `/sys/kernel/btf/vmlinux`).
+    pub fn parse(data: &'a [u8]) -> Result<Self> {
         ensure!(
             u16_at(data, 0)? == MAGIC,
             "not a BTF file (bad magic; big-endian BTF is not supported)"
@@ -154,81 +191,101 @@ impl KernelBtf {
             data.get(hdr_len + off..hdr_len + off + len)
                 .ok_or_else(|| anyhow!("BTF section {off}+{len} lies outside the file"))
         };
-        let type_data = section(type_off, type_len)?;
+        let types = section(type_off, type_len)?;
         let strings = section(str_off, str_len)?;
 
-        let mut types = vec![Type::Other];
-        let mut structs_by_name = HashMap::new();
+        // A type is at least 12 bytes, which bounds the index before it is filled.
+        let mut starts = Vec::with_capacity(1 + types.len() / 12);
+        starts.push(0);
         let mut at = 0;
-        while at < type_data.len() {
-            let name_off = u32_at(type_data, at)?;
-            let info = u32_at(type_data, at + 4)?;
-            let size_or_type = u32_at(type_data, at + 8)?;
-            at += 12;
-            let vlen = (info & 0xffff) as usize;
-            let kind = (info >> 24) & 0x1f;
-            let kind_flag = info >> 31 == 1;
-            let ty = match kind {
-                KIND_STRUCT | KIND_UNION => {
-                    let mut members = Vec::with_capacity(vlen);
-                    for i in 0..vlen {
-                        let m = at + i * 12;
-                        let offset = u32_at(type_data, m + 8)?;
-                        let (bit_offset, bitfield_size) = if kind_flag {
-                            (offset & 0xff_ffff, offset >> 24)
-                        } else {
-                            (offset, 0)
-                        };
-                        members.push(Member {
-                            name: string_at(strings, u32_at(type_data, m)?)?,
-                            type_id: u32_at(type_data, m + 4)?,
-                            bit_offset,
-                            bitfield_size,
-                        });
-                    }
-                    at += vlen * 12;
-                    let name = string_at(strings, name_off)?;
-                    if kind == KIND_STRUCT && !name.is_empty() {
-                        structs_by_name
-                            .entry(name.clone())
-                            .or_insert(types.len() as u32);
-                    }
-                    Type::Composite { name, members }
-                }
-                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
-                    Type::Alias {
-                        target: size_or_type,
-                    }
-                }
-                _ => {
-                    at += match kind {
-                        KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
-                        KIND_ARRAY => 12,
-                        KIND_ENUM | KIND_FUNC_PROTO => vlen * 8,
-                        KIND_DATASEC | KIND_ENUM64 => vlen * 12,
-                        _ => 0,
-                    };
-                    Type::Other
-                }
-            };
-            types.push(ty);
+        while at < types.len() {
+            let info = u32_at(types, at + 4)?;
+            starts.push(at as u32);
+            at += 12 + payload_len(kind_of(info), vlen_of(info));
         }
-        ensure!(
-            at == type_data.len(),
-            "BTF type section has a torn last entry"
-        );
+        ensure!(at == types.len(), "BTF type section has a torn last entry");
         Ok(Self {
             types,
-            structs_by_name,
+            strings,
+            starts,
         })
     }
 
-    fn resolve(&self, mut id: u32) -> Option<&Type> {
+    fn header(&self, id: u32) -> Option<Header> {
+        if id == 0 {
+            return None;
+        }
+        let at = *self.starts.get(id as usize)? as usize;
+        let word = |i: usize| u32_at(self.types, at + 4 * i).ok();
+        Some(Header {
+            name_off: word(0)?,
+            info: word(1)?,
+            size_or_type: word(2)?,
+            payload: at + 12,
+        })
+    }
+
+    /// Whether the NUL-terminated string at `offset` is `name`.
+    fn name_is(&self, offset: u32, name: &str) -> bool {
+        let end = offset as usize + name.len();
+        self.strings.get(offset as usize..end) == Some(name.as_bytes())
+            && self.strings.get(end) == Some(&0)
+    }
+
+    fn name_at(&self, offset: u32) -> String {
+        String::from_utf8_lossy(c_str_at(self.strings, offset)).into_owned()
+    }
+
+    /// The id of the first type of `kind` named `name`.
+    fn find(&self, kind: u32, name: &str) -> Option<u32> {
+        (1..self.starts.len() as u32).find(|&id| {
+            self.header(id)
+                .is_some_and(|h| h.kind() == kind && self.name_is(h.name_off, name))
+        })
+    }
+
+    /// The id of the typedef `name` (`btf_trace_<tracepoint>`, a tp_btf program's target).
+    pub fn typedef_id(&self, name: &str) -> Option<u32> {
+        self.find(KIND_TYPEDEF, name)
+    }
+
+    /// The id of the function `name` (an fentry program's target).
+    pub fn func_id(&self, name: &str) -> Option<u32> {
+        self.find(KIND_FUNC, name)
+    }
+
+    /// Looks through typedefs and qualifiers to a struct or union; returns its name offset
+    /// and members.
+    fn composite(&self, mut id: u32) -> Option<(u32, Vec<Member>)> {
         // Alias chains are short; the bound only guards against a malformed loop.
         for _ in 0..32 {
-            match self.types.get(id as usize)? {
-                Type::Alias { target } => id = *target,
-                other => return Some(other),
+            let h = self.header(id)?;
+            match h.kind() {
+                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
+                    id = h.size_or_type;
+                }
+                KIND_STRUCT | KIND_UNION => {
+                    let members = (0..h.vlen())
+                        .map(|i| {
+                            let m = h.payload + i * 12;
+                            let offset = u32_at(self.types, m + 8)?;
+                            let (bit_offset, bitfield_size) = if h.kind_flag() {
+                                (offset & 0xff_ffff, offset >> 24)
+                            } else {
+                                (offset, 0)
+                            };
+                            Ok(Member {
+                                name_off: u32_at(self.types, m)?,
+                                type_id: u32_at(self.types, m + 4)?,
+                                bit_offset,
+                                bitfield_size,
+                            })
+                        })
+                        .collect::<Result<Vec<_>>>()
+                        .ok()?;
+                    return Some((h.name_off, members));
+                }
+                _ => return None,
             }
         }
         None
@@ -244,13 +301,13 @@ impl KernelBtf {
         inside: &mut Vec<u32>,
     ) -> Result<Option<(u32, u32, u32)>> {
         for m in members {
-            if m.name == name {
+            if self.name_is(m.name_off, name) {
                 return Ok(Some((m.bit_offset, m.bitfield_size, m.type_id)));
             }
-            if !m.name.is_empty() {
+            if !self.name_is(m.name_off, "") {
                 continue;
             }
-            let Some(Type::Composite { members: inner, .. }) = self.resolve(m.type_id) else {
+            let Some((_, inner)) = self.composite(m.type_id) else {
                 continue;
             };
             ensure!(
@@ -263,7 +320,7 @@ impl KernelBtf {
                 "malformed BTF: anonymous members nest deeper than {MAX_NESTING} levels"
             );
             inside.push(m.type_id);
-            let found = self.find_member(inner, name, inside)?;
+            let found = self.find_member(&inner, name, inside)?;
             inside.pop();
             if let Some((bits, size, ty)) = found {
                 return Ok(Some((m.bit_offset.saturating_add(bits), size, ty)));
@@ -275,20 +332,22 @@ impl KernelBtf {
     /// Byte offset of `path` (member names joined by dots, e.g. `__sk_common.skc_family`)
     /// inside `struct <struct_name>`.
     pub fn offset_of(&self, struct_name: &str, path: &str) -> Result<u32> {
-        let id = *self
-            .structs_by_name
-            .get(struct_name)
+        let id = self
+            .find(KIND_STRUCT, struct_name)
             .ok_or_else(|| anyhow!("struct {struct_name} not found in the kernel's BTF"))?;
         let mut ty = id;
         let mut bits = 0;
         for part in path.split('.') {
-            let Some(Type::Composite { name, members }) = self.resolve(ty) else {
+            let Some((name_off, members)) = self.composite(ty) else {
                 bail!("{struct_name}.{path}: {part} is not inside a struct or union");
             };
             let (offset, bitfield_size, member_ty) = self
-                .find_member(members, part, &mut Vec::new())?
+                .find_member(&members, part, &mut Vec::new())?
                 .ok_or_else(|| {
-                    anyhow!("struct {struct_name} has no member {path} ({part} missing in {name})")
+                    anyhow!(
+                        "struct {struct_name} has no member {path} ({part} missing in {})",
+                        self.name_at(name_off)
+                    )
                 })?;
             ensure!(
                 bitfield_size == 0 && offset % 8 == 0,
@@ -303,95 +362,145 @@ impl KernelBtf {
     }
 }
 
+/// aya resolves a tracing program's attach target by name in its own `Btf`, and parsing
+/// the kernel's whole BTF into one for a single name costs tens of milliseconds and MiBs.
+/// These stand-ins hold only the target, at the id it has in the kernel's BTF; every id
+/// before it is a placeholder that names nothing.
+///
+/// A typedef (a tp_btf target) can only be made by parsing, so this one parses a blob.
+pub fn typedef_stand_in(name: &str, id: u32) -> Result<aya::Btf> {
+    let mut out = Writer::new();
+    for _ in 1..id {
+        out.placeholder();
+    }
+    out.typedef(name, 0);
+    aya::Btf::parse(&out.build(), aya::Endianness::Little)
+        .with_context(|| format!("making the BTF that names {name} for aya"))
+}
+
+/// A function (an fentry target): aya builds one directly, without a parse.
+pub fn func_stand_in(name: &str, id: u32) -> aya::Btf {
+    let mut btf = aya::Btf::new();
+    let name_offset = btf.add_string(name);
+    for _ in 1..id {
+        btf.add_type(BtfType::Unknown);
+    }
+    btf.add_type(BtfType::Func(Func::new(
+        name_offset,
+        0,
+        FuncLinkage::Static,
+    )));
+    btf
+}
+
+/// Writes a little-endian BTF blob, type by type: the stand-in above, and the tests'
+/// miniatures of a kernel's BTF.
+#[derive(Debug)]
+struct Writer {
+    types: Vec<u8>,
+    strings: Vec<u8>,
+}
+
+impl Writer {
+    fn new() -> Self {
+        Self {
+            types: Vec::new(),
+            strings: vec![0],
+        }
+    }
+
+    fn name(&mut self, s: &str) -> u32 {
+        if s.is_empty() {
+            return 0;
+        }
+        let off = self.strings.len() as u32;
+        self.strings.extend_from_slice(s.as_bytes());
+        self.strings.push(0);
+        off
+    }
+
+    fn word(&mut self, w: u32) {
+        self.types.extend_from_slice(&w.to_le_bytes());
+    }
+
+    /// An anonymous `void *`: a type that takes up an id and names nothing.
+    fn placeholder(&mut self) {
+        self.word(0);
+        self.word(KIND_PTR << 24);
+        self.word(0);
+    }
+
+    fn typedef(&mut self, name: &str, target: u32) {
+        let n = self.name(name);
+        self.word(n);
+        self.word(KIND_TYPEDEF << 24);
+        self.word(target);
+    }
+
+    fn build(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&MAGIC.to_le_bytes());
+        out.extend_from_slice(&[1, 0]);
+        for w in [
+            24,
+            0,
+            self.types.len() as u32,
+            self.types.len() as u32,
+            self.strings.len() as u32,
+        ] {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        out.extend_from_slice(&self.types);
+        out.extend_from_slice(&self.strings);
+        out
+    }
+}
+
+#[cfg(test)]
+impl Writer {
+    /// A static function whose prototype is type `proto`.
+    fn func(&mut self, name: &str, proto: u32) {
+        let n = self.name(name);
+        self.word(n);
+        self.word(KIND_FUNC << 24);
+        self.word(proto);
+    }
+
+    fn int(&mut self, name: &str, size: u32) {
+        let n = self.name(name);
+        self.word(n);
+        self.word(KIND_INT << 24);
+        self.word(size);
+        self.word(size * 8);
+    }
+
+    /// members: (name, type id, bit offset, bitfield size)
+    fn composite(&mut self, kind: u32, name: &str, size: u32, members: &[(&str, u32, u32, u32)]) {
+        let kind_flag = members.iter().any(|m| m.3 != 0);
+        let n = self.name(name);
+        self.word(n);
+        self.word((u32::from(kind_flag) << 31) | (kind << 24) | members.len() as u32);
+        self.word(size);
+        for &(name, ty, bits, bitfield) in members {
+            let n = self.name(name);
+            self.word(n);
+            self.word(ty);
+            self.word(if kind_flag {
+                (bitfield << 24) | bits
+            } else {
+                bits
+            });
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Builds a BTF blob by hand, so offsets can be checked against known answers.
-    #[derive(Default)]
-    struct Builder {
-        types: Vec<u8>,
-        strings: Vec<u8>,
-    }
-
-    impl Builder {
-        fn new() -> Self {
-            Self {
-                types: Vec::new(),
-                strings: vec![0],
-            }
-        }
-        fn name(&mut self, s: &str) -> u32 {
-            if s.is_empty() {
-                return 0;
-            }
-            let off = self.strings.len() as u32;
-            self.strings.extend_from_slice(s.as_bytes());
-            self.strings.push(0);
-            off
-        }
-        fn word(&mut self, w: u32) {
-            self.types.extend_from_slice(&w.to_le_bytes());
-        }
-        fn int(&mut self, name: &str, size: u32) {
-            let n = self.name(name);
-            self.word(n);
-            self.word(KIND_INT << 24);
-            self.word(size);
-            self.word(size * 8);
-        }
-        fn typedef(&mut self, name: &str, target: u32) {
-            let n = self.name(name);
-            self.word(n);
-            self.word(KIND_TYPEDEF << 24);
-            self.word(target);
-        }
-        /// members: (name, type id, bit offset, bitfield size)
-        fn composite(
-            &mut self,
-            kind: u32,
-            name: &str,
-            size: u32,
-            members: &[(&str, u32, u32, u32)],
-        ) {
-            let kind_flag = members.iter().any(|m| m.3 != 0);
-            let n = self.name(name);
-            self.word(n);
-            self.word((u32::from(kind_flag) << 31) | (kind << 24) | members.len() as u32);
-            self.word(size);
-            for &(name, ty, bits, bitfield) in members {
-                let n = self.name(name);
-                self.word(n);
-                self.word(ty);
-                self.word(if kind_flag {
-                    (bitfield << 24) | bits
-                } else {
-                    bits
-                });
-            }
-        }
-        fn build(&self) -> Vec<u8> {
-            let mut out = Vec::new();
-            out.extend_from_slice(&MAGIC.to_le_bytes());
-            out.extend_from_slice(&[1, 0]);
-            for w in [
-                24,
-                0,
-                self.types.len() as u32,
-                self.types.len() as u32,
-                self.strings.len() as u32,
-            ] {
-                out.extend_from_slice(&w.to_le_bytes());
-            }
-            out.extend_from_slice(&self.types);
-            out.extend_from_slice(&self.strings);
-            out
-        }
-    }
-
     /// A miniature of the kernel's nesting: named and anonymous members, unions, a typedef.
-    fn sample() -> KernelBtf {
-        let mut b = Builder::new();
+    fn sample() -> Vec<u8> {
+        let mut b = Writer::new();
         b.int("u16", 2); // 1
         b.int("u32", 4); // 2
         b.typedef("__be32", 2); // 3
@@ -425,12 +534,15 @@ mod tests {
             64,
             &[("sk", 7, 0, 0), ("srtt_us", 2, 320, 0)],
         ); // 8
-        KernelBtf::parse(&b.build()).unwrap()
+        b.typedef("btf_trace_tcp_probe", 2); // 9
+        b.func("tcp_rcv_established", 0); // 10
+        b.build()
     }
 
     #[test]
     fn finds_members_through_anonymous_unions_and_named_paths() {
-        let btf = sample();
+        let blob = sample();
+        let btf = KernelBtf::parse(&blob).unwrap();
         assert_eq!(btf.offset_of("tcp_sock", "srtt_us").unwrap(), 40);
         assert_eq!(btf.offset_of("sock_common", "skc_daddr").unwrap(), 0);
         assert_eq!(btf.offset_of("sock_common", "skc_rcv_saddr").unwrap(), 4);
@@ -442,8 +554,43 @@ mod tests {
     }
 
     #[test]
+    fn finds_attach_targets_by_kind_and_whole_name() {
+        let blob = sample();
+        let btf = KernelBtf::parse(&blob).unwrap();
+        assert_eq!(btf.typedef_id("btf_trace_tcp_probe"), Some(9));
+        assert_eq!(btf.typedef_id("btf_trace_tcp"), None);
+        assert_eq!(btf.typedef_id("sock"), None);
+        assert_eq!(btf.func_id("btf_trace_tcp_probe"), None);
+        assert_eq!(btf.func_id("tcp_rcv_established"), Some(10));
+        assert_eq!(btf.typedef_id("tcp_rcv_established"), None);
+    }
+
+    #[test]
+    fn the_attach_target_stand_ins_keep_the_kernels_ids() {
+        let kind = |k| aya_obj::btf::BtfKind::try_from(k).unwrap();
+        let typedef = typedef_stand_in("btf_trace_tcp_probe", 38).unwrap();
+        assert_eq!(
+            typedef
+                .id_by_type_name_kind("btf_trace_tcp_probe", kind(KIND_TYPEDEF))
+                .unwrap(),
+            38
+        );
+        let func = func_stand_in("tcp_rcv_established", 1140);
+        assert_eq!(
+            func.id_by_type_name_kind("tcp_rcv_established", kind(KIND_FUNC))
+                .unwrap(),
+            1140
+        );
+        assert!(
+            func.id_by_type_name_kind("tcp_rcv_established", kind(KIND_TYPEDEF))
+                .is_err()
+        );
+    }
+
+    #[test]
     fn names_what_is_missing_or_unreadable() {
-        let btf = sample();
+        let blob = sample();
+        let btf = KernelBtf::parse(&blob).unwrap();
         let err = btf
             .offset_of("sock", "__sk_common.nope")
             .unwrap_err()
@@ -461,24 +608,26 @@ mod tests {
 
     #[test]
     fn a_struct_containing_itself_is_an_error_not_a_stack_overflow() {
-        let mut b = Builder::new();
+        let mut b = Writer::new();
         b.int("u32", 4); // 1
         b.composite(KIND_STRUCT, "sock", 8, &[("", 2, 0, 0)]); // 2
-        let btf = KernelBtf::parse(&b.build()).unwrap();
+        let blob = b.build();
+        let btf = KernelBtf::parse(&blob).unwrap();
         let err = btf.offset_of("sock", "x").unwrap_err().to_string();
         assert!(err.contains("contains itself"), "{err}");
     }
 
     #[test]
     fn nesting_is_bounded() {
-        let mut b = Builder::new();
+        let mut b = Writer::new();
         b.int("u32", 4); // 1
         b.composite(KIND_STRUCT, "", 4, &[("deep", 1, 0, 0)]); // 2
         for id in 2..40 {
             b.composite(KIND_STRUCT, "", 4, &[("", id, 0, 0)]); // id + 1
         }
         b.composite(KIND_STRUCT, "sock", 4, &[("", 40, 0, 0)]);
-        let btf = KernelBtf::parse(&b.build()).unwrap();
+        let blob = b.build();
+        let btf = KernelBtf::parse(&blob).unwrap();
         let err = btf.offset_of("sock", "deep").unwrap_err().to_string();
         assert!(err.contains("nest deeper than 16"), "{err}");
     }
@@ -506,7 +655,7 @@ mod tests {
     }
 
     fn sample_blob() -> Vec<u8> {
-        let mut b = Builder::new();
+        let mut b = Writer::new();
         b.int("u16", 2);
         b.int("u32", 4);
         b.typedef("__be32", 2);

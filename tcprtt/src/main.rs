@@ -118,21 +118,21 @@ fn enable_run_time_stats() -> Result<Option<std::os::fd::OwnedFd>> {
     }
 }
 
-/// Kernel memory the grouped histogram maps take, when it is worth a word.
+/// Kernel memory the grouped histogram maps can take, when it is worth a word.
 fn large_map_memory(opts: &Options) -> Option<String> {
     const WORTH_SAYING: u64 = 256 << 20;
     if opts.grouping == ALL_TRAFFIC {
         return None;
     }
-    // Two preallocated maps; per key its hash-table element header (about 48 bytes), the
-    // key and the value, each rounded to 8 bytes.
-    let per_key = 48
+    // Two maps, allocated per key; per key its hash-table element (about 48 bytes of
+    // header and 8 of free-list link), the key and the value, each rounded to 8 bytes.
+    let per_key = 56
         + size_of::<tcprtt_common::HistKey>().next_multiple_of(8) as u64
         + size_of::<tcprtt_common::HistValue>().next_multiple_of(8) as u64;
     let bytes = 2 * u64::from(opts.max_keys) * per_key;
     (bytes >= WORTH_SAYING).then(|| {
         format!(
-            "tcprtt: the histogram maps take {} MiB of kernel memory (--max-keys {})",
+            "tcprtt: the histogram maps can take up to {} MiB of kernel memory (--max-keys {})",
             bytes >> 20,
             opts.max_keys
         )

@@ -117,7 +117,7 @@ fn five_thousand_connections_beyond_max_keys_are_counted_as_dropped_exactly() {
     assert_eq!(matched(&limited.stderr), total, "{}", limited.stderr);
 }
 
-/// A map of a million keys takes memory the kernel charges to the user: tcprtt says how
+/// Maps of a million keys can take memory the kernel charges to the user: tcprtt says how
 /// much before it starts.
 #[test]
 fn a_large_max_keys_states_its_kernel_memory() {

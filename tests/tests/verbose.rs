@@ -28,4 +28,11 @@ fn verbose_reports_events_and_in_kernel_cost() {
     assert_eq!(number_after("dropped "), 0.0, "{line}");
     let cost = number_after("in-kernel cost ");
     assert!(cost > 0.0 && cost < 100_000.0, "{line}");
+    // Its parts add up to the whole, to the 0.1 ms each is rounded to.
+    let parts: f64 = ["kernel BTF ", "aya's loader ", ", attach "]
+        .into_iter()
+        .map(number_after)
+        .sum();
+    let startup = number_after("start-up ");
+    assert!(startup > 0.0 && (startup - parts).abs() <= 0.2, "{line}");
 }

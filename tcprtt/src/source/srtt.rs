@@ -5,6 +5,7 @@ use std::{
     fmt::Write as _,
     os::fd::{AsFd, AsRawFd},
     path::PathBuf,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -34,18 +35,28 @@ struct Hook {
     program: &'static str,
     /// Added to the error when this hook was asked for alone and refused.
     hint: &'static str,
+    /// The id of the program's target in the kernel's BTF, if it has one.
+    target_id: fn(&KernelBtf) -> Option<u32>,
+    /// A BTF naming the target at that id, for aya to resolve it in.
+    stand_in: fn(u32) -> Result<Btf>,
     load_and_attach: fn(&mut Program, &Btf) -> Result<(), ProgramError>,
 }
 
+/// The kernel function the fentry program runs at.
+const FENTRY_TARGET: &str = "tcp_rcv_established";
+/// The tracepoint the tp_btf program runs at, and the typedef the kernel's BTF names it by.
+const TP_BTF_TARGET: &str = "tcp_probe";
+const TP_BTF_TYPEDEF: &str = "btf_trace_tcp_probe";
+
 fn fentry(prog: &mut Program, btf: &Btf) -> Result<(), ProgramError> {
     let p: &mut FEntry = prog.try_into()?;
-    p.load("tcp_rcv_established", btf)?;
+    p.load(FENTRY_TARGET, btf)?;
     p.attach().map(drop)
 }
 
 fn tp_btf(prog: &mut Program, btf: &Btf) -> Result<(), ProgramError> {
     let p: &mut BtfTracePoint = prog.try_into()?;
-    p.load("tcp_probe", btf)?;
+    p.load(TP_BTF_TARGET, btf)?;
     p.attach().map(drop)
 }
 
@@ -58,6 +69,8 @@ const HOOKS: [Hook; 2] = [
         choice: Attach::Fentry,
         program: "tcprtt_fentry",
         hint: ": try --attach tp-btf",
+        target_id: |kernel| kernel.func_id(FENTRY_TARGET),
+        stand_in: |id| Ok(btf::func_stand_in(FENTRY_TARGET, id)),
         load_and_attach: fentry,
     },
     Hook {
@@ -66,6 +79,8 @@ const HOOKS: [Hook; 2] = [
         choice: Attach::TpBtf,
         program: "tcprtt_tp_btf",
         hint: "",
+        target_id: |kernel| kernel.typedef_id(TP_BTF_TYPEDEF),
+        stand_in: |id| btf::typedef_stand_in(TP_BTF_TYPEDEF, id),
         load_and_attach: tp_btf,
     },
 ];
@@ -186,12 +201,37 @@ struct Counters {
     extreme_contended: u64,
 }
 
+/// Where the start-up went, for `-v`.
+#[derive(Clone, Copy, Debug)]
+struct StartUp {
+    /// Reading and indexing the kernel's BTF, and the offsets and target ids from it.
+    btf: Duration,
+    /// aya's loader: its own parse of the kernel's BTF, then the object, maps and filters.
+    loader: Duration,
+    /// The hooks tried, each with its stand-in BTF, until one attached.
+    attach: Duration,
+}
+
+impl StartUp {
+    fn describe(&self) -> String {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        format!(
+            "start-up {:.1} ms: kernel BTF {:.1} ms, aya's loader {:.1} ms, attach {:.1} ms",
+            ms(self.btf + self.loader + self.attach),
+            ms(self.btf),
+            ms(self.loader),
+            ms(self.attach)
+        )
+    }
+}
+
 pub struct Srtt {
     /// Owns the programs and the maps not taken out of it; dropping it detaches.
     ebpf: Ebpf,
     hook: &'static Hook,
     /// The hooks tried before `hook` with `--attach auto`, and why each was refused.
     refusals: Vec<(&'static Hook, Refusal)>,
+    startup: StartUp,
     grouping: Grouping,
     buffers: DoubleBuffer,
     stats: PerCpuArray<MapData, u64>,
@@ -205,24 +245,42 @@ impl Srtt {
     /// Loads the program with its configuration, fills the filters and attaches at the first
     /// hook `opts.attach` allows that the kernel accepts.
     pub fn load(opts: &Options, object: &[u8]) -> Result<Self> {
+        let began = Instant::now();
         let path = btf_path(opts)?;
-        let data = btf::read_file(&path)?;
-        let offsets = KernelBtf::parse(&data)
-            .and_then(|kernel| socket_offsets(&kernel))
-            .with_context(|| format!("resolving socket field offsets from {}", path.display()))?;
-        let btf = Btf::parse(&data, aya::Endianness::default())
-            .with_context(|| format!("parsing BTF in {}", path.display()))?;
-        drop(data);
+        // The kernel's BTF is read and indexed once, and freed before aya's loader makes
+        // its own parse of it, so the two never hold memory at the same time.
+        let (offsets, target_ids) = {
+            let data = btf::read_file(&path)?;
+            let kernel = KernelBtf::parse(&data)
+                .with_context(|| format!("reading the BTF in {}", path.display()))?;
+            let offsets = socket_offsets(&kernel).with_context(|| {
+                format!("resolving socket field offsets from {}", path.display())
+            })?;
+            (offsets, HOOKS.map(|hook| (hook.target_id)(&kernel)))
+        };
+        let btf_read = began.elapsed();
         let config = probe_config(opts, offsets);
+        // The object has no CO-RE relocations (the offsets travel in CONFIG), so the
+        // loader needs no kernel BTF; aya 0.14's `EbpfLoader::new()` parses it anyway,
+        // and `.btf(None)` at least frees that parse before the object loads.
         let mut ebpf = load_with_filters(
             EbpfLoader::new()
-                .btf(Some(&btf))
+                .btf(None)
                 .override_global("CONFIG", &config, true),
             opts,
             object,
         )?;
-
-        let (hook, refusals) = attach(&mut ebpf, &btf, opts)?;
+        let loaded = began.elapsed();
+        let (hook, refusals) = attach(&mut ebpf, target_ids, opts)?;
+        // What the loader and the stand-ins parsed is freed now, in pieces the allocator
+        // would keep for the rest of the run: hand them back to the kernel.
+        // SAFETY: malloc_trim only releases memory no allocation holds.
+        unsafe { libc::malloc_trim(0) };
+        let startup = StartUp {
+            btf: btf_read,
+            loader: loaded - btf_read,
+            attach: began.elapsed() - loaded,
+        };
         let fd = ebpf
             .program(hook.program)
             .context("tcprtt's program vanished from the object")?
@@ -237,6 +295,7 @@ impl Srtt {
             ebpf,
             hook,
             refusals,
+            startup,
             grouping: opts.grouping,
             totals: Counters::default(),
         })
@@ -283,18 +342,24 @@ impl Srtt {
 /// the ones before it did not.
 fn attach(
     ebpf: &mut Ebpf,
-    btf: &Btf,
+    target_ids: [Option<u32>; HOOKS.len()],
     opts: &Options,
 ) -> Result<(&'static Hook, Vec<(&'static Hook, Refusal)>)> {
     let mut refusals = Vec::new();
-    for hook in HOOKS
+    for (hook, target_id) in HOOKS
         .iter()
-        .filter(|h| opts.attach == Attach::Auto || opts.attach == h.choice)
+        .zip(target_ids)
+        .filter(|(h, _)| opts.attach == Attach::Auto || opts.attach == h.choice)
     {
+        // Without its target the load fails naming it, which is the refusal to report.
+        let btf = match target_id {
+            Some(id) => (hook.stand_in)(id)?,
+            None => Btf::new(),
+        };
         let prog = ebpf
             .program_mut(hook.program)
             .ok_or_else(|| anyhow!("program {} missing from the eBPF object", hook.program))?;
-        match (hook.load_and_attach)(prog, btf) {
+        match (hook.load_and_attach)(prog, &btf) {
             Ok(()) => return Ok((hook, refusals)),
             Err(err) => refusals.push((hook, Refusal::new(&err))),
         }
@@ -368,8 +433,12 @@ impl Source for Srtt {
             );
         }
         // Without run-time statistics the kernel counts no runs: say nothing rather than 0.
+        let startup = self.startup.describe();
         if !stats_on {
-            return Ok(format!("tcprtt: attach point {}; {counts}", self.hook.name));
+            return Ok(format!(
+                "tcprtt: attach point {}; {counts}; {startup}",
+                self.hook.name
+            ));
         }
         let info = self.program_info()?;
         let runs = info.run_count();
@@ -381,7 +450,7 @@ impl Source for Srtt {
         };
         Ok(format!(
             "tcprtt: attach point {}; events seen {}, {counts}; in-kernel cost {per_event} \
-             ({ns} ns over {runs} runs)",
+             ({ns} ns over {runs} runs); {startup}",
             self.hook.name, c.seen
         ))
     }

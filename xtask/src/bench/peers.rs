@@ -215,15 +215,16 @@ impl Tracer {
         self.child.id()
     }
 
-    /// Peak resident set size so far, in KiB.
-    pub fn peak_rss_kib(&self) -> Result<u64> {
+    /// A `/proc/PID/status` memory field in KiB: `VmHWM` (peak resident set size so
+    /// far) or `VmRSS` (resident now).
+    pub fn status_kib(&self, field: &str) -> Result<u64> {
         let path = format!("/proc/{}/status", self.child.id());
         let status = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .with_context(|| format!("no VmHWM in {path}"))
+            .with_context(|| format!("no {field} in {path}"))
     }
 
     /// SIGINT, then what it printed on stdout since `lines` was last read.
@@ -348,8 +349,13 @@ pub fn program_ids(pid: u32, types: &[&str]) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
+/// How long a tracer may take to print its report and detach after SIGINT. bpftrace has
+/// been seen to hang there; a benchmark that waits forever reports nothing.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// SIGINT to `child`, our own and not yet waited for (so the pid is still its), then its
-/// exit; one other than success is an error carrying what it said on stderr.
+/// exit within [`STOP_TIMEOUT`]; one other than success is an error carrying what it said
+/// on stderr.
 pub fn interrupt_and_wait(
     child: &mut Child,
     stderr: Option<thread::JoinHandle<String>>,
@@ -357,9 +363,21 @@ pub fn interrupt_and_wait(
 ) -> Result<()> {
     kill_process(Pid::from_child(child), Signal::INT)
         .with_context(|| format!("sending SIGINT to {what}"))?;
-    let status = child
-        .wait()
-        .with_context(|| format!("waiting for {what}"))?;
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child
+            .try_wait()
+            .with_context(|| format!("waiting for {what}"))?
+        {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{what} did not exit within {STOP_TIMEOUT:?} of SIGINT; killed it");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
     let stderr = stderr.and_then(|t| t.join().ok()).unwrap_or_default();
     ensure!(
         status.success(),

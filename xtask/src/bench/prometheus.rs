@@ -102,16 +102,6 @@ fn stat_cpu_seconds(pid: u32) -> Result<f64> {
     Ok((ticks(11)? + ticks(12)?) / USER_HZ)
 }
 
-/// A `/proc/PID/status` field in kB.
-fn status_kib(pid: u32, field: &str) -> Result<f64> {
-    let path = format!("/proc/{pid}/status");
-    let text = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("no {field} in {path}"))
-}
-
 /// One GET of /metrics: the body.
 fn scrape(addr: SocketAddr) -> Result<String> {
     let mut conn = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
@@ -216,8 +206,8 @@ pub fn prometheus(tools: &Tools, echo: SocketAddr) -> Result<PromResults> {
         r.fresh_wall.push(wall);
         r.fresh_cpu.push(cpu);
     }
-    r.rss_kib = status_kib(pid, "VmRSS:")?;
-    r.peak_rss_kib = status_kib(pid, "VmHWM:")?;
+    r.rss_kib = tracer.status_kib("VmRSS")? as f64;
+    r.peak_rss_kib = tracer.status_kib("VmHWM")? as f64;
 
     let _stats = kernel::run_time_stats()?;
     for round in 0..ROUNDS {

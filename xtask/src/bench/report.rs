@@ -215,23 +215,36 @@ fn lifecycle(md: &mut String, lifecycle: &[(Tool, Lifecycle)], missed: &mut Vec<
         "Each tracer in its default mode, {ROUNDS} rounds, the order rotating, run-time \
          statistics off: exec to its ready line (tcprtt and the C peer: \"Tracing TCP RTT \
          via\" on stderr, printed once attached; bpftrace: \"Attaching 1 probe...\", printed \
-         before it attaches), then peak RSS (`VmHWM`) after 1,000 round trips.\n\n\
+         before it attaches), then peak RSS (`VmHWM`) and RSS (`VmRSS`) after 1,000 round \
+         trips.\n\n\
          | | tcprtt | C peer | bpftrace | tcprtt / C | target | |\n|---|---|---|---|---|---|---|"
     );
     let bpftrace = get(Tool::Bpftrace);
-    for (what, unit, pick) in [
+    for (what, unit, pick, target) in [
         (
             "start-up to \"Tracing\"",
             "ms",
             (|l: &Lifecycle| l.startup.clone()) as fn(&Lifecycle) -> Vec<f64>,
+            true,
         ),
-        ("peak RSS", "KiB", |l: &Lifecycle| l.rss.clone()),
+        ("peak RSS", "KiB", |l: &Lifecycle| l.rss.clone(), true),
+        (
+            "RSS while tracing",
+            "KiB",
+            |l: &Lifecycle| l.rss_now.clone(),
+            false,
+        ),
     ] {
         let ratio = ratios(&pick(ours), &pick(theirs));
         let (o, t) = (stat(pick(ours)), stat(pick(theirs)));
+        let (goal, met) = if target {
+            ("≤ 1.0", verdict(ratio.median <= 1.0))
+        } else {
+            ("", "")
+        };
         let _ = writeln!(
             md,
-            "| {what} | {} {unit} | {} {unit} | {} | {} | ≤ 1.0 | {} |",
+            "| {what} | {} {unit} | {} {unit} | {} | {} | {goal} | {met} |",
             o.show(1),
             t.show(1),
             bpftrace.map_or("—".into(), |b| format!(
@@ -239,14 +252,41 @@ fn lifecycle(md: &mut String, lifecycle: &[(Tool, Lifecycle)], missed: &mut Vec<
                 stat(pick(b)).show(1)
             )),
             ratio.show(2),
-            verdict(ratio.median <= 1.0),
         );
-        if ratio.median > 1.0 {
+        if target && ratio.median > 1.0 {
             missed.push(format!(
                 "{what}: tcprtt {:.1} {unit} against the C tool's {:.1} {unit} ({:.2}×) where \
-                 the target is at or below it.",
-                o.median, t.median, ratio.median
+                 the target is at or below it.{}",
+                o.median,
+                t.median,
+                ratio.median,
+                if what == "peak RSS" {
+                    AYA_RSS_WHY
+                } else {
+                    AYA_TIME_WHY
+                },
             ));
         }
     }
+    let phase = |i: usize| stat(ours.phases.iter().map(|p| p[i]).collect());
+    let _ = writeln!(
+        md,
+        "\nWhere tcprtt's start-up goes, as `tcprtt -v -d 0.05` reports it ({ROUNDS} runs): \
+         reading and indexing the kernel's BTF, with the socket offsets and attach targets \
+         from it, {} ms; aya's loader {} ms; trying the hooks with a stand-in BTF each and \
+         attaching, {} ms. aya 0.14's `EbpfLoader::new()` parses the whole kernel BTF into \
+         its own types whatever the program needs (tcprtt's object has no CO-RE \
+         relocations); no loader of that aya can be made without it, and it is the largest \
+         part of both the time and the peak memory.",
+        phase(0).show(1),
+        phase(1).show(1),
+        phase(2).show(1),
+    );
 }
+
+/// Why start-up and peak RSS stay above the C tool's, from the start-up phases above.
+const AYA_TIME_WHY: &str = " The largest part is aya's loader, which parses the kernel's \
+     whole BTF before it looks at the object (see the start-up phases above).";
+const AYA_RSS_WHY: &str = " The peak is reached inside aya's loader, during its parse of \
+     the kernel's whole BTF; what was parsed is handed back to the kernel once attached (RSS \
+     while tracing).";

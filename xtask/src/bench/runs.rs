@@ -1,6 +1,6 @@
 //! The per-event cost phase and the start-up phase, each returning raw samples.
 
-use std::{net::SocketAddr, path::Path};
+use std::{net::SocketAddr, path::Path, process::Command};
 
 use anyhow::{Context, Result};
 
@@ -105,15 +105,19 @@ pub fn cost(
     Ok(results)
 }
 
-/// Start-up (ms) and peak RSS (KiB) per round, for one tracer.
+/// Start-up (ms), peak RSS and RSS while tracing (KiB) per round, for one tracer.
 #[derive(Default)]
 pub struct Lifecycle {
     pub startup: Vec<f64>,
     pub rss: Vec<f64>,
+    pub rss_now: Vec<f64>,
+    /// tcprtt only: its own account of the start-up (`-v`): reading the kernel's BTF,
+    /// aya's loader, attaching; ms.
+    pub phases: Vec<[f64; 3]>,
 }
 
-/// Each tracer in its default mode, started in turn: exec to its ready line, then peak RSS
-/// after 1,000 round trips. The run-time statistics are off, as on a host.
+/// Each tracer in its default mode, started in turn: exec to its ready line, then peak and
+/// current RSS after 1,000 round trips. The run-time statistics are off, as on a host.
 pub fn lifecycle(tools: &Tools, server: SocketAddr) -> Result<Vec<(Tool, Lifecycle)>> {
     let order = [Tool::Tcprtt, Tool::C, Tool::Bpftrace];
     let mut results: Vec<(Tool, Lifecycle)> =
@@ -127,13 +131,46 @@ pub fn lifecycle(tools: &Tools, server: SocketAddr) -> Result<Vec<(Tool, Lifecyc
             let tracer = tools.start(tool, &args)?;
             let startup = tracer.startup.as_secs_f64() * 1000.0;
             ping_pong(server, 1000)?;
-            let rss = tracer.peak_rss_kib()? as f64;
+            let rss = tracer.status_kib("VmHWM")? as f64;
+            let rss_now = tracer.status_kib("VmRSS")? as f64;
             tracer.stop()?;
             if let Some((_, l)) = results.iter_mut().find(|(t, _)| *t == tool) {
                 l.startup.push(startup);
                 l.rss.push(rss);
+                l.rss_now.push(rss_now);
             }
         }
     }
+    if let Some((_, l)) = results.iter_mut().find(|(t, _)| *t == Tool::Tcprtt) {
+        l.phases = startup_phases(&tools.tcprtt)?;
+    }
     Ok(results)
+}
+
+/// `tcprtt -v` run briefly, [`ROUNDS`] times: the parts of the start-up it reports.
+fn startup_phases(tcprtt: &Path) -> Result<Vec<[f64; 3]>> {
+    (0..ROUNDS)
+        .map(|_| {
+            let out = Command::new(tcprtt)
+                .args(["-v", "-d", "0.05"])
+                .output()
+                .with_context(|| format!("running {} -v", tcprtt.display()))?;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let line = stderr
+                .lines()
+                .find(|l| l.contains("start-up "))
+                .with_context(|| format!("no start-up in tcprtt -v's report: {stderr}"))?;
+            let ms_after = |word: &str| -> Result<f64> {
+                line.split(word)
+                    .nth(1)
+                    .and_then(|rest| rest.split(' ').next()?.parse().ok())
+                    .with_context(|| format!("no {word:?} in {line}"))
+            };
+            Ok([
+                ms_after("kernel BTF ")?,
+                ms_after("aya's loader ")?,
+                ms_after(", attach ")?,
+            ])
+        })
+        .collect()
 }
