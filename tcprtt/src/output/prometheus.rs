@@ -13,18 +13,19 @@
 //! the texts under their metric's `# HELP`/`# TYPE` lines.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, VecDeque},
     convert::Infallible,
     net::SocketAddr,
-    sync::{Arc, Mutex, OnceLock},
+    pin::Pin,
+    sync::{Arc, Mutex, OnceLock, PoisonError},
+    task::{Context as TaskContext, Poll},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
-use http_body_util::Full;
 use hyper::{
     Method, Request, Response, StatusCode,
-    body::{Bytes, Incoming},
+    body::{Body, Bytes, Frame, Incoming, SizeHint},
     header,
     server::conn::http1,
     service::service_fn,
@@ -62,7 +63,7 @@ pub struct PrometheusOptions {
 struct Series {
     hist: Histogram,
     updated: Instant,
-    text: [OnceLock<Arc<str>>; 2],
+    text: [OnceLock<Bytes>; 2],
 }
 
 impl Series {
@@ -82,6 +83,19 @@ impl Clone for Series {
     }
 }
 
+/// One lock per text format, held while a scrape encodes a snapshot's missing series
+/// texts: scrapes arriving together (several Prometheus servers, say) encode them once, the
+/// others wait for that and reuse them. Drains never take it.
+#[derive(Debug, Default)]
+struct EncodingLocks([Mutex<()>; 2]);
+
+impl Clone for EncodingLocks {
+    /// A new snapshot's own locks.
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
 /// Everything a scrape shows. Series are kept in exposition order (by source, then key).
 #[derive(Clone, Debug)]
 pub struct Snapshot {
@@ -93,6 +107,7 @@ pub struct Snapshot {
     hook: &'static str,
     unit: Unit,
     fine_buckets: bool,
+    encoding: EncodingLocks,
 }
 
 /// The cumulative state behind `/metrics`.
@@ -350,13 +365,14 @@ fn without_descriptor(text: &str) -> &str {
 /// batch's text cut every `lines` lines (a histogram series is its buckets, `_sum` and
 /// `_count`, in either format; label values hold no line break, the encoder escapes it).
 /// `None` if the text does not split into `n` series.
-fn split_series(text: &str, lines: usize, n: usize) -> Option<Vec<Arc<str>>> {
+fn split_series(text: &str, lines: usize, n: usize) -> Option<Vec<Bytes>> {
     let body = without_descriptor(text);
     let mut out = Vec::with_capacity(n);
     let mut start = 0;
     for (i, (at, _)) in body.match_indices('\n').enumerate() {
         if (i + 1) % lines == 0 {
-            out.push(Arc::from(&body[start..=at]));
+            // A copy of its own: a series' text outlives the batch's other series.
+            out.push(Bytes::copy_from_slice(&body.as_bytes()[start..=at]));
             start = at + 1;
         }
     }
@@ -377,6 +393,9 @@ fn series_lines(snapshot: &Snapshot) -> usize {
 /// in one batch.
 fn encode_missing(snapshot: &Snapshot, wire: Wire) {
     let index = wire.index();
+    let _one_at_a_time = snapshot.encoding.0[index]
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
     for source in [Source::Srtt, Source::Wire] {
         let missing: Vec<&Series> = snapshot
             .series
@@ -406,55 +425,95 @@ fn encode_missing(snapshot: &Snapshot, wire: Wire) {
     }
 }
 
-/// A snapshot in the requested format: each source's descriptor and its series' texts
-/// (encoded now for the series that have none yet), then the counters and gauges.
-fn encode(snapshot: Arc<Snapshot>, wire: Wire) -> String {
+/// A snapshot in the requested format, as the pieces of its text: each source's
+/// descriptor and its series' texts (encoded now for the series that have none yet,
+/// shared with the snapshot otherwise), then the counters and gauges.
+fn encode(snapshot: Arc<Snapshot>, wire: Wire) -> Chunks {
     encode_missing(&snapshot, wire);
-    let mut out = String::with_capacity(snapshot.text_len(wire));
+    let mut out = Chunks::default();
     let mut current = None;
     for ((source, key), series) in &snapshot.series {
         if current != Some(*source) {
             current = Some(*source);
-            out.push_str(&wire.text_of(Descriptor(*source)));
+            out.push(Bytes::from(wire.text_of(Descriptor(*source))));
         }
         // Set above, unless the batch's text did not split as expected: then this
         // series alone.
-        out.push_str(series.text[wire.index()].get_or_init(|| {
-            let text = wire.text_of(Batch {
-                source: *source,
-                series: vec![SeriesData::of(&snapshot, key, series)],
-            });
-            Arc::from(without_descriptor(&text))
-        }));
+        out.push(
+            series.text[wire.index()]
+                .get_or_init(|| {
+                    let text = wire.text_of(Batch {
+                        source: *source,
+                        series: vec![SeriesData::of(&snapshot, key, series)],
+                    });
+                    Bytes::copy_from_slice(without_descriptor(&text).as_bytes())
+                })
+                .clone(),
+        );
     }
-    out.push_str(&wire.text_of(Totals {
+    let mut tail = wire.text_of(Totals {
         dropped: snapshot.dropped,
         over_series_limit: snapshot.over_series_limit,
         series: snapshot.series.len(),
         hook: snapshot.hook,
-    }));
+    });
     if wire == Wire::OpenMetrics {
-        let _ = prometheus_client::encoding::text::encode_eof(&mut out);
+        let _ = prometheus_client::encoding::text::encode_eof(&mut tail);
     }
+    out.push(Bytes::from(tail));
     out
 }
 
-impl Snapshot {
-    /// About the length of the snapshot's text in `wire` format, from the series already
-    /// encoded (the others are guessed at the same length): the output is allocated once.
-    fn text_len(&self, wire: Wire) -> usize {
-        let known: Vec<usize> = self
-            .series
-            .values()
-            .filter_map(|s| s.text[wire.index()].get().map(|t| t.len()))
-            .collect();
-        let each = known.iter().sum::<usize>() / known.len().max(1);
-        each.max(2048) * self.series.len() + 4096
+/// A response body sent as the pieces it is made of, never joined into one buffer: a
+/// scrape of 10,000 series would otherwise copy 22 MB, and each connection would hold
+/// its own copy until its client had read it.
+#[derive(Debug, Default)]
+struct Chunks {
+    pieces: VecDeque<Bytes>,
+    left: u64,
+}
+
+impl Chunks {
+    fn push(&mut self, piece: Bytes) {
+        self.left += piece.len() as u64;
+        self.pieces.push_back(piece);
     }
 }
 
-fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+impl From<&'static str> for Chunks {
+    fn from(text: &'static str) -> Self {
+        let mut chunks = Self::default();
+        chunks.push(Bytes::from_static(text.as_bytes()));
+        chunks
+    }
+}
+
+impl Body for Chunks {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        Poll::Ready(this.pieces.pop_front().map(|piece| {
+            this.left -= piece.len() as u64;
+            Ok(Frame::data(piece))
+        }))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.pieces.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.left)
+    }
+}
+
+fn reply(status: StatusCode, content_type: &str, body: Chunks) -> Response<Chunks> {
+    let mut response = Response::new(body);
     *response.status_mut() = status;
     if let Ok(value) = header::HeaderValue::from_str(content_type) {
         response.headers_mut().insert(header::CONTENT_TYPE, value);
@@ -465,7 +524,7 @@ fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<
 async fn handle(
     req: Request<Incoming>,
     published: Arc<Mutex<Arc<Snapshot>>>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<Chunks>, Infallible> {
     const TEXT: &str = "text/plain; charset=utf-8";
     if req.uri().path() != "/metrics" {
         return Ok(reply(
@@ -500,9 +559,11 @@ async fn handle(
     }
 }
 
-/// Connections served at once. Each holds its encoded body until the client has read it
-/// all (22.6 MB with 10,000 series), so without a bound, clients that ask and never read
-/// grow tcprtt's memory until it is killed. Connections beyond it are closed at once
+/// Connections served at once. Each holds its body until the client has read it all:
+/// its series' texts, shared with the snapshot and other scrapes, but kept alive by it
+/// once the series have moved on (up to a whole scrape, 22.3 MB with 10,000 series). So
+/// without a bound, clients that ask and never read grow tcprtt's memory until it is
+/// killed. Connections beyond it are closed at once
 /// rather than queued: a scraper never waits behind bodies encoded for clients long gone.
 const MAX_CONNECTIONS: usize = 8;
 
@@ -573,6 +634,7 @@ impl Exposition {
             hook,
             unit,
             fine_buckets: opts.fine_buckets,
+            encoding: EncodingLocks::default(),
         };
         let published = Arc::new(Mutex::new(Arc::new(current.clone())));
         tokio::spawn(serve(listener, Arc::clone(&published)));
@@ -629,6 +691,17 @@ mod tests {
     use super::*;
     use crate::report::{fixtures::*, *};
 
+    /// A response body's text.
+    fn joined(chunks: Chunks) -> String {
+        let bytes: Vec<u8> = chunks
+            .pieces
+            .iter()
+            .flat_map(|p| p.iter().copied())
+            .collect();
+        assert_eq!(bytes.len() as u64, chunks.left);
+        String::from_utf8(bytes).unwrap()
+    }
+
     fn snapshot(rows: &[Row]) -> Snapshot {
         let now = Instant::now();
         Snapshot {
@@ -650,6 +723,7 @@ mod tests {
             hook: "tp_btf",
             unit: Unit::Micros,
             fine_buckets: false,
+            encoding: EncodingLocks::default(),
         }
     }
 
@@ -660,7 +734,7 @@ mod tests {
             row(BY_RADDR, v6("2001:db8::1"), &[1]),
         ]);
         assert_eq!(
-            encode(Arc::new(snap), Wire::Prometheus),
+            joined(encode(Arc::new(snap), Wire::Prometheus)),
             golden("by_raddr.prom")
         );
     }
@@ -673,7 +747,7 @@ mod tests {
             wire_row(ALL_TRAFFIC, wire_v4(a, 4000, b, 80, 2, INGRESS), &[60]),
             wire_row(BY_RADDR, wire_v4(b, 80, a, 4000, 3, EGRESS), &[20]),
         ]);
-        let text = encode(Arc::new(snap), Wire::Prometheus);
+        let text = joined(encode(Arc::new(snap), Wire::Prometheus));
         assert!(
             text.contains("tcprtt_wire_rtt_seconds_count{iface=\"eth0\",side=\"ingress\"} 1\n"),
             "{text}"
@@ -706,32 +780,27 @@ mod tests {
             let b = row(BY_RADDR, v4([127, 0, 0, 3]), &[9]);
             e.add(&[a.clone(), b.clone()], Losses::default());
             let first = Arc::clone(&e.published.lock().unwrap());
-            let text = encode(Arc::clone(&first), Wire::Prometheus);
-            assert_eq!(text, encode(Arc::clone(&first), Wire::Prometheus));
+            let text = joined(encode(Arc::clone(&first), Wire::Prometheus));
+            assert_eq!(text, joined(encode(Arc::clone(&first), Wire::Prometheus)));
             e.add(std::slice::from_ref(&a), Losses::default());
             let second = Arc::clone(&e.published.lock().unwrap());
-            let text = encode(Arc::clone(&second), Wire::Prometheus);
+            let text = joined(encode(Arc::clone(&second), Wire::Prometheus));
             assert!(
                 text.contains("tcprtt_srtt_seconds_count{family=\"ipv4\",raddr=\"127.0.0.2\"} 4\n"),
                 "{text}"
             );
+            // Where each series' text lies: the same bytes while the series is unchanged.
             let cached = |snap: &Snapshot, key: &Key| {
                 snap.series[&(Source::Srtt, key.clone())].text[0]
                     .get()
-                    .cloned()
+                    .map(|t| t.as_ptr())
                     .unwrap()
             };
-            assert!(Arc::ptr_eq(
-                &cached(&first, &b.key),
-                &cached(&second, &b.key)
-            ));
-            assert!(!Arc::ptr_eq(
-                &cached(&first, &a.key),
-                &cached(&second, &a.key)
-            ));
+            assert_eq!(cached(&first, &b.key), cached(&second, &b.key));
+            assert_ne!(cached(&first, &a.key), cached(&second, &a.key));
             // The first snapshot, still held, shows what it showed.
             assert!(
-                encode(first, Wire::Prometheus)
+                joined(encode(first, Wire::Prometheus))
                     .contains("tcprtt_srtt_seconds_count{family=\"ipv4\",raddr=\"127.0.0.2\"} 2\n")
             );
         });
@@ -799,12 +868,12 @@ mod tests {
                 assert_eq!(split_series(&srtt, lines, 3), None);
                 let snap = Arc::new(snap.clone());
                 assert_eq!(
-                    encode(Arc::clone(&snap), wire),
+                    joined(encode(Arc::clone(&snap), wire)),
                     whole,
                     "{wire:?} fine {fine}"
                 );
                 // Again, from the texts the first scrape left.
-                assert_eq!(encode(snap, wire), whole, "{wire:?} fine {fine}");
+                assert_eq!(joined(encode(snap, wire)), whole, "{wire:?} fine {fine}");
             }
         }
     }
@@ -812,7 +881,7 @@ mod tests {
     #[test]
     fn openmetrics_on_request_ends_with_eof() {
         let snap = snapshot(&[row(ALL_TRAFFIC, Default::default(), &[7])]);
-        let text = encode(Arc::new(snap), Wire::OpenMetrics);
+        let text = joined(encode(Arc::new(snap), Wire::OpenMetrics));
         assert!(text.ends_with("# EOF\n"), "{text}");
         assert!(text.contains("tcprtt_srtt_seconds_count 1\n"), "{text}");
         assert_eq!(
