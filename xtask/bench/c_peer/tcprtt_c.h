@@ -1,5 +1,6 @@
 /* Types shared by the C peer's BPF program and its loader. The same design as tcprtt:
- * the same hook, the same 40-byte key, one histogram per key; but libbpf-tools' value:
+ * the same hook, tcprtt's key without the interface index only its wire source sets (40
+ * bytes against 44), one histogram per key; but libbpf-tools' value:
  * a log2 histogram shared by all CPUs, updated with atomic adds. */
 #ifndef TCPRTT_C_H
 #define TCPRTT_C_H

@@ -92,9 +92,11 @@ fn header(md: &mut String, r: &Results) -> Result<()> {
          every headline is a ratio of tracers measured in the same rounds, and every figure \
          the median of its rounds with the range (min–max) in parentheses.\n\n\
          The peers, built and run by the same command: a C libbpf program of tcprtt's design \
-         (`xtask/bench/c_peer`: same hook `tp_btf/tcp_probe`, same 40-byte key and filters, a \
-         log2 histogram per key in a preallocated hash map shared by all CPUs, updated with \
-         atomic adds, as libbpf-tools' tcprtt does), compiled with clang and libbpf from \
+         (`xtask/bench/c_peer`: same hook `tp_btf/tcp_probe`, same filters, the key of \
+         tcprtt's srtt source without the wire source's 4-byte interface index (40 bytes \
+         against tcprtt's 44), a log2 histogram per key in a preallocated hash map shared by \
+         all CPUs, updated with atomic adds, as libbpf-tools' tcprtt does), compiled with \
+         clang and libbpf from \
          Debian; bpftrace's one-liner `{}`; and `{EMPTY_PROGRAM}`, an empty program on the \
          same hook, attached throughout as the floor.\n",
         r.load_average,
