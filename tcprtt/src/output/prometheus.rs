@@ -727,6 +727,25 @@ mod tests {
         }
     }
 
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// An exposition on an ephemeral loopback port, of the srtt source in µs.
+    async fn exposition(ttl: Duration, max_series: u32) -> Exposition {
+        let opts = PrometheusOptions {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            fine_buckets: false,
+            ttl,
+            max_series,
+        };
+        let listener = bind(opts.addr).await.unwrap();
+        Exposition::start(listener, &opts, "tp_btf", Unit::Micros).unwrap()
+    }
+
     #[test]
     fn prometheus_text_of_a_grouped_report() {
         let snap = snapshot(&[
@@ -763,19 +782,8 @@ mod tests {
 
     #[test]
     fn a_series_text_is_encoded_once_and_anew_after_a_drain_changes_it() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let opts = PrometheusOptions {
-                addr: "127.0.0.1:0".parse().unwrap(),
-                fine_buckets: false,
-                ttl: Duration::from_secs(600),
-                max_series: 10,
-            };
-            let listener = bind(opts.addr).await.unwrap();
-            let mut e = Exposition::start(listener, &opts, "tp_btf", Unit::Micros).unwrap();
+        runtime().block_on(async {
+            let mut e = exposition(Duration::from_secs(600), 10).await;
             let a = row(BY_RADDR, v4([127, 0, 0, 2]), &[5, 7]);
             let b = row(BY_RADDR, v4([127, 0, 0, 3]), &[9]);
             e.add(&[a.clone(), b.clone()], Losses::default());
@@ -909,19 +917,8 @@ mod tests {
 
     #[test]
     fn drains_add_up_idle_series_expire_and_the_series_cap_is_counted() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let opts = PrometheusOptions {
-                addr: "127.0.0.1:0".parse().unwrap(),
-                fine_buckets: false,
-                ttl: Duration::from_millis(200),
-                max_series: 2,
-            };
-            let listener = bind(opts.addr).await.unwrap();
-            let mut e = Exposition::start(listener, &opts, "tp_btf", Unit::Micros).unwrap();
+        runtime().block_on(async {
+            let mut e = exposition(Duration::from_millis(200), 2).await;
             assert!(e.url().starts_with("http://127.0.0.1:"));
             let a = row(BY_RADDR, v4([127, 0, 0, 2]), &[5, 7]);
             let b = row(BY_RADDR, v4([127, 0, 0, 3]), &[9]);

@@ -349,6 +349,29 @@ pub fn program_ids(pid: u32, types: &[&str]) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
+/// Clock ticks per second of `/proc/PID/stat`'s CPU times (`USER_HZ`, 100 on Linux).
+const USER_HZ: f64 = 100.0;
+
+/// CPU seconds (user and system) process `pid` has used so far, in 10 ms ticks.
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // Fields after the command name, which may hold spaces: state is the first, utime
+    // the twelfth and stime the thirteenth.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| -> Result<f64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .map(|t| t as f64 / USER_HZ)
+            .with_context(|| format!("no CPU times in {path}"))
+    };
+    Ok(ticks(11)? + ticks(12)?)
+}
+
 /// How long a tracer may take to print its report and detach after SIGINT. bpftrace has
 /// been seen to hang there; a benchmark that waits forever reports nothing.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);

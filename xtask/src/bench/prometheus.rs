@@ -18,7 +18,7 @@ use anyhow::{Context, Result, anyhow, ensure};
 
 use super::{
     COST_ROUND_TRIPS, ROUNDS, Tool, Tools, kernel,
-    peers::{clients, one_shot_server, ping_pong},
+    peers::{clients, cpu_seconds, one_shot_server, ping_pong},
 };
 
 /// Series exposed: one per client address of `clients`, keyed by remote address.
@@ -59,9 +59,6 @@ pub struct PromResults {
     pub hammer_scrapes: Vec<f64>,
 }
 
-/// The unit of utime and stime in /proc/PID/stat, fixed by Linux's ABI.
-const USER_HZ: f64 = 100.0;
-
 /// CPU time of every thread of `pid` so far, ns, from each thread's schedstat (the
 /// scheduler's own accounting, to the nanosecond; /proc/PID/stat counts 10 ms ticks,
 /// longer than an idle scrape). The runtime's threads outlive a scrape.
@@ -81,25 +78,6 @@ fn thread_cpu_ns(pid: u32) -> Result<u64> {
             .with_context(|| format!("no run time in {}", path.display()))?;
     }
     Ok(total)
-}
-
-/// utime + stime of `pid`, seconds.
-fn stat_cpu_seconds(pid: u32) -> Result<f64> {
-    let path = format!("/proc/{pid}/stat");
-    let text = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    // The command name may hold spaces: the fields counted from its closing parenthesis.
-    let fields: Vec<&str> = text
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| -> Result<f64> {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .with_context(|| format!("no field {} in {path}", i + 3))
-    };
-    // Fields 14 and 15 of the whole line, 12 and 13 after the name and state.
-    Ok((ticks(11)? + ticks(12)?) / USER_HZ)
 }
 
 /// One GET of /metrics: the body.
@@ -187,13 +165,13 @@ pub fn prometheus(tools: &Tools, echo: SocketAddr) -> Result<PromResults> {
         "{clients_series} series of the {SERIES} clients exposed"
     );
 
-    let stat0 = stat_cpu_seconds(pid)?;
+    let stat0 = cpu_seconds(pid)?;
     for _ in 0..IDLE_SCRAPES {
         let (wall, cpu, _) = timed_scrape(addr, pid)?;
         r.idle_wall.push(wall);
         r.idle_cpu.push(cpu);
     }
-    r.idle_cpu_stat = (stat_cpu_seconds(pid)? - stat0) * 1e3 / IDLE_SCRAPES as f64;
+    r.idle_cpu_stat = (cpu_seconds(pid)? - stat0) * 1e3 / IDLE_SCRAPES as f64;
 
     for _ in 0..FRESH_SCRAPES {
         clients(server, 0, SERIES, None)?;

@@ -34,8 +34,6 @@ pub const THROUGHPUT_SECONDS: u32 = 2;
 /// Throughput pairs: more than the cost rounds, as a 2 s transfer on a shared machine
 /// moves by tens of percent from one run to the next.
 pub const THROUGHPUT_PAIRS: usize = 11;
-/// The unit of utime and stime in /proc/PID/stat, fixed by Linux's ABI.
-const USER_HZ: f64 = 100.0;
 /// BPF_PROG_TYPE_SCHED_CLS.
 const SCHED_CLS: [&str; 1] = ["3"];
 
@@ -233,22 +231,7 @@ impl Passive {
 
     /// CPU seconds (user and system) the process has used so far.
     fn cpu_seconds(&self) -> Result<f64> {
-        let path = format!("/proc/{}/stat", self.child.id());
-        let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-        // Fields after the command name, which may hold spaces: state is the first,
-        // utime the twelfth and stime the thirteenth.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace().collect())
-            .unwrap_or_default();
-        let ticks = |i: usize| -> Result<f64> {
-            fields
-                .get(i)
-                .and_then(|f| f.parse::<u64>().ok())
-                .map(|t| t as f64 / USER_HZ)
-                .with_context(|| format!("no CPU times in {path}"))
-        };
-        Ok(ticks(11)? + ticks(12)?)
+        peers::cpu_seconds(self.child.id())
     }
 
     fn stop(mut self) -> Result<()> {
