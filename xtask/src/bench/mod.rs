@@ -26,6 +26,7 @@ mod wire;
 
 use std::{
     fs,
+    net::SocketAddr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -133,12 +134,15 @@ impl Tools {
     }
 }
 
-/// A mode: the same arguments for tcprtt and the C peer, and bpftrace's script where it
-/// has an equivalent.
+/// A mode: the same arguments for tcprtt and the C peer, bpftrace's script where it has
+/// an equivalent, and the echo server its ping-pong talks to.
 struct Mode {
     name: String,
     args: Vec<String>,
     bpftrace: Option<&'static str>,
+    server: SocketAddr,
+    /// Whether `server` serves on the client's CPU.
+    one_cpu: bool,
 }
 
 /// bpftrace's one-liner, and the same grouped by family and IPv4 remote address (the
@@ -147,13 +151,18 @@ const BPFTRACE_ALL: &str = "tracepoint:tcp:tcp_probe { @ = hist(args->srtt >> 3)
 const BPFTRACE_BY_RADDR: &str = "tracepoint:tcp:tcp_probe { @[args->family, args->daddr[4], \
      args->daddr[5], args->daddr[6], args->daddr[7]] = hist(args->srtt >> 3); }";
 
-fn modes(server_port: u16) -> Vec<Mode> {
+/// The modes, their ping-pong with `server` (its connections served on CPU 1, the client
+/// on CPU 0), and last `-B` again with `same_cpu`, an echo server on the client's CPU: there
+/// no two CPUs update one histogram at once.
+fn modes(server: SocketAddr, same_cpu: SocketAddr) -> Vec<Mode> {
     let mode = |name: &str, args: &[&str], bpftrace| Mode {
         name: name.to_string(),
         args: args.iter().map(|a| a.to_string()).collect(),
         bpftrace,
+        server,
+        one_cpu: false,
     };
-    let port = server_port.to_string();
+    let port = server.port().to_string();
     vec![
         mode("default (one histogram)", &[], Some(BPFTRACE_ALL)),
         mode("`-b` (by local address)", &["-b"], None),
@@ -169,6 +178,15 @@ fn modes(server_port: u16) -> Vec<Mode> {
             &["-A", "203.0.113.0/24", "-p", "9"],
             None,
         ),
+        Mode {
+            server: same_cpu,
+            one_cpu: true,
+            ..mode(
+                "`-B`, client and server on one CPU",
+                &["-B"],
+                Some(BPFTRACE_BY_RADDR),
+            )
+        },
     ]
 }
 
@@ -191,11 +209,12 @@ pub fn run(project: &Project) -> Result<()> {
     let object = kernel::newest_object(&project.root)?;
     let _tracefs = kernel::Tracefs::ensure()?;
     let load_average = fs::read_to_string("/proc/loadavg").context("reading /proc/loadavg")?;
-    let server = peers::echo_server()?;
-    let modes = modes(server.port());
+    let server = peers::echo_server(1)?;
+    let same_cpu = peers::echo_server(0)?;
+    let modes = modes(server, same_cpu);
 
     eprintln!("bench: in-kernel cost per event ({ROUNDS} rounds, tracers alternating)");
-    let cost = runs::cost(&tools, &object, &modes, server)?;
+    let cost = runs::cost(&tools, &object, &modes)?;
     eprintln!("bench: start-up and peak RSS ({ROUNDS} rounds, alternating)");
     let lifecycle = runs::lifecycle(&tools, server)?;
     eprintln!(

@@ -37,7 +37,7 @@ fn pin_to(cpu: usize) {
 /// A one-byte echo server on 127.0.0.1, one thread per connection pinned to CPU 1, so
 /// that every message of a ping-pong from CPU 0 is a cross-CPU wake-up, as between a
 /// client and a server on a real host.
-pub fn echo_server() -> Result<SocketAddr> {
+pub fn echo_server(cpu: usize) -> Result<SocketAddr> {
     let listener =
         TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding the echo server")?;
     let addr = listener.local_addr()?;
@@ -45,7 +45,7 @@ pub fn echo_server() -> Result<SocketAddr> {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { break };
             thread::spawn(move || {
-                pin_to(1);
+                pin_to(cpu);
                 let _ = conn.set_nodelay(true);
                 let mut byte = [0u8; 1];
                 while conn.read_exact(&mut byte).is_ok() && conn.write_all(&byte).is_ok() {}

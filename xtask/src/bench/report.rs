@@ -111,7 +111,9 @@ fn cost(md: &mut String, r: &Results, missed: &mut Vec<String>) {
     let _ = writeln!(
         md,
         "Traffic: a one-byte ping-pong on one loopback connection, client pinned to CPU 0, \
-         server to CPU 1, {COST_ROUND_TRIPS} round trips per sample. In each of {ROUNDS} \
+         server to CPU 1 (in the last mode also to CPU 0, so that no two CPUs ever update one \
+         histogram at once: in the others, `-b` and `-B` give both ends' sockets the same \
+         key), {COST_ROUND_TRIPS} round trips per sample. In each of {ROUNDS} \
          rounds every mode runs each tracer alone on the hook in turn (the order rotating \
          from round to round), beside the empty program; the kernel's run-time statistics \
          (`kernel.bpf_stats_enabled`) give each program's time per run. Other traffic on \
@@ -129,6 +131,14 @@ fn cost(md: &mut String, r: &Results, missed: &mut Vec<String>) {
          tcprtt / bpftrace | target tcprtt / C ≤ 1.0 |\n\
          |---|---|---|---|---|---|---|---|---|"
     );
+    // The mode whose ping-pong stays on one CPU: what a grouped mode costs when no other
+    // CPU writes the same histogram.
+    let one_cpu = r
+        .modes
+        .iter()
+        .zip(&r.cost)
+        .find(|(m, _)| m.one_cpu)
+        .and_then(|(_, c)| Some(ratios(&c.of(Tool::Tcprtt)?.ns, &c.of(Tool::C)?.ns)));
     for (mode, c) in r.modes.iter().zip(&r.cost) {
         let (Some(ours), Some(theirs)) = (c.of(Tool::Tcprtt), c.of(Tool::C)) else {
             continue;
@@ -166,9 +176,21 @@ fn cost(md: &mut String, r: &Results, missed: &mut Vec<String>) {
                 ),
                 _ => String::new(),
             };
+            let shared = match one_cpu {
+                Some(one) if !mode.one_cpu && mode.args.iter().any(|a| a == "-b" || a == "-B") => {
+                    format!(
+                        " Both ends' sockets have the same key here, so two CPUs add to one \
+                         histogram; with both ends on one CPU, `-B` runs at {:.2}× the C \
+                         design.",
+                        one.median
+                    )
+                }
+                _ => String::new(),
+            };
             missed.push(format!(
                 "In-kernel cost, {}: tcprtt takes {:.2}× the C design's time per event \
-                 ({:.0} ns against {:.0} ns, {:.0} ns more) where the target is ≤ 1.0.{shape}",
+                 ({:.0} ns against {:.0} ns, {:.0} ns more) where the target is ≤ 1.0.{shape}\
+                 {shared}",
                 mode.name,
                 ratio.median,
                 stat(ours.ns.clone()).median,

@@ -51,12 +51,7 @@ fn rotated<T: Copy>(items: &[T], round: usize) -> Vec<T> {
 
 /// Each mode, each round, each tracer in turn: the tracer alone on the hook beside the
 /// empty program, over the same ping-pong.
-pub fn cost(
-    tools: &Tools,
-    object: &Path,
-    modes: &[Mode],
-    server: SocketAddr,
-) -> Result<Vec<ModeCost>> {
+pub fn cost(tools: &Tools, object: &Path, modes: &[Mode]) -> Result<Vec<ModeCost>> {
     let mut results: Vec<ModeCost> = modes
         .iter()
         .map(|mode| ModeCost {
@@ -80,7 +75,7 @@ pub fn cost(
                     kernel::program_stats(tracer.prog_id)?,
                     kernel::program_stats(empty_id)?,
                 );
-                ping_pong(server, COST_ROUND_TRIPS)?;
+                ping_pong(mode.server, COST_ROUND_TRIPS)?;
                 let (ours1, floor1) = (
                     kernel::program_stats(tracer.prog_id)?,
                     kernel::program_stats(empty_id)?,
