@@ -329,24 +329,51 @@ impl<'a> KernelBtf<'a> {
         Ok(None)
     }
 
+    /// `struct <name>`: found once (a scan of every type), then asked for any number of
+    /// member offsets.
+    pub fn struct_named<'b>(&'b self, name: &'b str) -> Result<Struct<'a, 'b>> {
+        let id = self
+            .find(KIND_STRUCT, name)
+            .ok_or_else(|| anyhow!("struct {name} not found in the kernel's BTF"))?;
+        Ok(Struct {
+            btf: self,
+            name,
+            id,
+        })
+    }
+
     /// Byte offset of `path` (member names joined by dots, e.g. `__sk_common.skc_family`)
     /// inside `struct <struct_name>`.
     pub fn offset_of(&self, struct_name: &str, path: &str) -> Result<u32> {
-        let id = self
-            .find(KIND_STRUCT, struct_name)
-            .ok_or_else(|| anyhow!("struct {struct_name} not found in the kernel's BTF"))?;
-        let mut ty = id;
+        self.struct_named(struct_name)?.offset_of(path)
+    }
+}
+
+/// A struct of a [`KernelBtf`], by its type id.
+#[derive(Debug, Clone, Copy)]
+pub struct Struct<'a, 'b> {
+    btf: &'b KernelBtf<'a>,
+    name: &'b str,
+    id: u32,
+}
+
+impl Struct<'_, '_> {
+    /// Byte offset of `path` (member names joined by dots, e.g. `__sk_common.skc_family`)
+    /// inside this struct.
+    pub fn offset_of(&self, path: &str) -> Result<u32> {
+        let (btf, struct_name) = (self.btf, self.name);
+        let mut ty = self.id;
         let mut bits = 0;
         for part in path.split('.') {
-            let Some((name_off, members)) = self.composite(ty) else {
+            let Some((name_off, members)) = btf.composite(ty) else {
                 bail!("{struct_name}.{path}: {part} is not inside a struct or union");
             };
-            let (offset, bitfield_size, member_ty) = self
+            let (offset, bitfield_size, member_ty) = btf
                 .find_member(&members, part, &mut Vec::new())?
                 .ok_or_else(|| {
                     anyhow!(
                         "struct {struct_name} has no member {path} ({part} missing in {})",
-                        self.name_at(name_off)
+                        btf.name_at(name_off)
                     )
                 })?;
             ensure!(

@@ -130,7 +130,8 @@ impl Refusal {
 /// Every socket field the probe reads, as offsets from the `struct sock *` it is given.
 /// `tcp_sock` begins with `struct sock`, so both are measured from the same pointer.
 pub fn socket_offsets(btf: &KernelBtf) -> Result<ProbeConfig> {
-    let skc = |field: &str| btf.offset_of("sock", &format!("__sk_common.{field}"));
+    let sock = btf.struct_named("sock")?;
+    let skc = |field: &str| sock.offset_of(&format!("__sk_common.{field}"));
     Ok(ProbeConfig {
         off_srtt_us: btf.offset_of("tcp_sock", "srtt_us")?,
         off_family: skc("skc_family")?,
