@@ -188,23 +188,6 @@ fn metric_name(source: Source) -> &'static str {
 
 const HISTOGRAM_HELP: &str = "TCP round-trip times since tcprtt started";
 
-/// The `# HELP` and `# TYPE` lines of a source's histogram.
-#[derive(Debug)]
-struct Descriptor(Source);
-
-impl Collector for Descriptor {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
-        encoder
-            .encode_descriptor(
-                metric_name(self.0),
-                HISTOGRAM_HELP,
-                None,
-                MetricType::Histogram,
-            )
-            .map(drop)
-    }
-}
-
 /// What prometheus-client needs of one histogram series.
 #[derive(Debug)]
 struct SeriesData {
@@ -226,7 +209,8 @@ impl SeriesData {
     }
 }
 
-/// Series of one source, encoded together under their descriptor.
+/// Series of one source, encoded together under their descriptor (without series: just
+/// the `# HELP` and `# TYPE` lines).
 #[derive(Debug)]
 struct Batch {
     source: Source,
@@ -397,27 +381,24 @@ fn encode_missing(snapshot: &Snapshot, wire: Wire) {
         .lock()
         .unwrap_or_else(PoisonError::into_inner);
     for source in [Source::Srtt, Source::Wire] {
-        let missing: Vec<&Series> = snapshot
+        let missing: Vec<(&Key, &Series)> = snapshot
             .series
             .iter()
             .filter(|((s, _), series)| *s == source && series.text[index].get().is_none())
-            .map(|(_, series)| series.as_ref())
+            .map(|((_, key), series)| (key, series.as_ref()))
             .collect();
         if missing.is_empty() {
             continue;
         }
-        let data = snapshot
-            .series
-            .iter()
-            .filter(|((s, _), series)| *s == source && series.text[index].get().is_none())
-            .map(|((_, key), series)| SeriesData::of(snapshot, key, series))
-            .collect();
         let text = wire.text_of(Batch {
             source,
-            series: data,
+            series: missing
+                .iter()
+                .map(|(key, series)| SeriesData::of(snapshot, key, series))
+                .collect(),
         });
         if let Some(texts) = split_series(&text, series_lines(snapshot), missing.len()) {
-            for (series, text) in missing.iter().zip(texts) {
+            for ((_, series), text) in missing.iter().zip(texts) {
                 // A scrape that ran alongside may have set the same text first.
                 let _ = series.text[index].set(text);
             }
@@ -435,7 +416,10 @@ fn encode(snapshot: Arc<Snapshot>, wire: Wire) -> Chunks {
     for ((source, key), series) in &snapshot.series {
         if current != Some(*source) {
             current = Some(*source);
-            out.push(Bytes::from(wire.text_of(Descriptor(*source))));
+            out.push(Bytes::from(wire.text_of(Batch {
+                source: *source,
+                series: Vec::new(),
+            })));
         }
         // Set above, unless the batch's text did not split as expected: then this
         // series alone.
