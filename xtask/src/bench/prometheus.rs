@@ -4,8 +4,7 @@
 
 use std::{
     fs,
-    io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpListener},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -82,16 +81,7 @@ fn thread_cpu_ns(pid: u32) -> Result<u64> {
 
 /// One GET of /metrics: the body.
 fn scrape(addr: SocketAddr) -> Result<String> {
-    let mut conn = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
-    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: tcprtt\r\n\r\n")?;
-    let mut text = String::new();
-    conn.read_to_string(&mut text)
-        .context("reading the scrape")?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("no HTTP header in {:.200}", text))?;
-    ensure!(head.starts_with("HTTP/1.0 200"), "scrape answered {head}");
-    Ok(body.to_string())
+    crate::vm_guest::prometheus::scrape(&addr.to_string())
 }
 
 /// A scrape's wall time and tcprtt's CPU time in it, ms, and its body.

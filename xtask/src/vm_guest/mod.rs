@@ -6,7 +6,7 @@
 //! `VMTEST-END` markers that `cargo xtask vm-test` reads on the host.
 
 mod checks;
-mod prometheus;
+pub mod prometheus;
 mod reports;
 mod traffic;
 mod wire;
