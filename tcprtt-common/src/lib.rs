@@ -37,6 +37,20 @@ pub fn fine_bucket(value: u64) -> usize {
     SUB_BUCKETS + (log2 - SUB_BITS) as usize * SUB_BUCKETS + sub
 }
 
+/// The classic log2 slot of a value, computed directly (the kernel's [`Log2Value`] path).
+#[inline(always)]
+pub fn log2_slot(value: u64) -> usize {
+    if value < 2 {
+        return 0;
+    }
+    let log2 = (63 - value.leading_zeros()) as usize;
+    if log2 >= LOG2_SLOTS - 1 {
+        LOG2_SLOTS - 1
+    } else {
+        log2
+    }
+}
+
 /// The classic log2 slot that a fine bucket belongs to.
 pub const fn log2_slot_of_bucket(bucket: usize) -> usize {
     if bucket < 2 {
@@ -165,6 +179,9 @@ pub struct ProbeConfig {
     pub group_by: u32,
     /// 1 to record milliseconds instead of microseconds.
     pub milliseconds: u32,
+    /// 1 when no output shows fine buckets, min or max: grouped histograms then go to the
+    /// [`Log2Value`] maps, 0 for the [`HistValue`] ones.
+    pub log2_only: u32,
 }
 
 impl ProbeConfig {
@@ -181,6 +198,7 @@ impl ProbeConfig {
         family: 0,
         group_by: 0,
         milliseconds: 0,
+        log2_only: 0,
     };
 }
 
@@ -257,6 +275,30 @@ impl HistValue {
     };
 }
 
+/// A grouped histogram when no output needs more than bcc's rows and the average
+/// ([`ProbeConfig::log2_only`]): the 27 log2 slots and the sum. A seventh of a
+/// [`HistValue`], so a key costs the kernel about what the C design's does, and a sample
+/// is two atomic adds with no min/max to compare.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Log2Value {
+    /// Sum of the samples, in the recorded unit.
+    pub sum: u64,
+    /// Samples per classic log2 slot (see [`log2_slot`]); 32 bits for the reason
+    /// [`HistValue::buckets`] gives.
+    pub slots: [u32; LOG2_SLOTS],
+    /// Explicit padding, always zero: the value's size stays a multiple of 8.
+    pub reserved: u32,
+}
+
+impl Log2Value {
+    pub const ZERO: Self = Self {
+        sum: 0,
+        slots: [0; LOG2_SLOTS],
+        reserved: 0,
+    };
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: repr(C), padding-free and valid for any bit pattern.
@@ -265,6 +307,8 @@ mod user {
     unsafe impl aya::Pod for super::HistKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::HistValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Log2Value {}
 }
 
 #[cfg(test)]
@@ -297,6 +341,17 @@ mod tests {
     }
 
     #[test]
+    fn direct_log2_slot_agrees_with_the_fine_buckets_slot() {
+        let mut values = std::vec![0, 1, u64::MAX];
+        for k in 1..64 {
+            values.extend([(1u64 << k) - 1, 1 << k, (1 << k) + 1]);
+        }
+        for v in values {
+            assert_eq!(log2_slot(v), log2_slot_of_bucket(fine_bucket(v)), "{v}");
+        }
+    }
+
+    #[test]
     fn sub_buckets_are_an_eighth_of_their_power_of_two() {
         assert_eq!(fine_bucket(8), 8);
         assert_eq!(fine_bucket(9), 9);
@@ -310,8 +365,9 @@ mod tests {
     #[test]
     fn shared_types_have_no_padding() {
         use core::mem::size_of;
-        assert_eq!(size_of::<ProbeConfig>(), 12 * 4);
+        assert_eq!(size_of::<ProbeConfig>(), 13 * 4);
         assert_eq!(size_of::<HistKey>(), 4 * 2 + 16 + 16 + 4);
         assert_eq!(size_of::<HistValue>(), (FINE_BUCKETS + 1) * 4 + 4 * 8);
+        assert_eq!(size_of::<Log2Value>(), 8 + (LOG2_SLOTS + 1) * 4);
     }
 }

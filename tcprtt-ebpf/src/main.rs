@@ -26,8 +26,8 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, FEntryContext},
 };
 use tcprtt_common::{
-    AF_INET, AF_INET6, FILTER_KEY_LEN, HistKey, HistValue, ProbeConfig, family, filter,
-    fine_bucket, group, stat,
+    AF_INET, AF_INET6, FILTER_KEY_LEN, HistKey, HistValue, Log2Value, ProbeConfig, family, filter,
+    fine_bucket, group, log2_slot, stat,
 };
 
 /// `-E2BIG`: what inserting into a full hash map returns.
@@ -50,6 +50,12 @@ static CONFIG: Global<ProbeConfig> = Global::new(ProbeConfig::ZERO);
 static HIST0: HashMap<HistKey, HistValue> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
 #[map]
 static HIST1: HashMap<HistKey, HistValue> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
+/// The grouped maps when no output needs fine buckets, min or max (`CONFIG.log2_only`);
+/// userspace sizes the pair it does not use to one entry.
+#[map]
+static LOG2_HIST0: HashMap<HistKey, Log2Value> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
+#[map]
+static LOG2_HIST1: HashMap<HistKey, Log2Value> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
 /// The single histogram of the srtt programs when not grouping (the wire programs key even
 /// that by interface and side): a per-CPU array needs no key hashing and
 /// no atomic operation.
@@ -369,24 +375,37 @@ fn select(sk: *const u8, cfg: &ProbeConfig) -> Result<HistKey, Skip> {
 /// Each map has a call site of its own so the kernel inlines its lookups.
 #[inline(always)]
 fn add_sample(key: &HistKey, value: u64) -> Result<(), Skip> {
-    let slot = if matches!(ACTIVE.get(0), Some(1)) {
-        histogram_of(&HIST1, key)?
-    } else {
-        histogram_of(&HIST0, key)?
-    };
-    add_shared(slot, value);
-    Ok(())
-}
-
-#[inline(always)]
-fn histogram_of(hist: &HashMap<HistKey, HistValue>, key: &HistKey) -> Result<*mut HistValue, Skip> {
-    if let Some(slot) = hist.get_ptr_mut(key) {
-        return Ok(slot);
+    let second = matches!(ACTIVE.get(0), Some(1));
+    if CONFIG.load().log2_only != 0 {
+        // Small enough for the stack, unlike a `HistValue`.
+        let new = Log2Value::ZERO;
+        let slot = if second {
+            histogram_of(&LOG2_HIST1, key, &new)?
+        } else {
+            histogram_of(&LOG2_HIST0, key, &new)?
+        };
+        add_log2(slot, value);
+        return Ok(());
     }
     let new = NEW_HIST.get_ptr(0).ok_or(Skip::MapFull)?;
     // SAFETY: `new` points at a live map value of the right type. Passing it by reference
     // keeps the 808-byte value off the 512-byte BPF stack.
     let new: &HistValue = unsafe { &*new };
+    let slot = if second {
+        histogram_of(&HIST1, key, new)?
+    } else {
+        histogram_of(&HIST0, key, new)?
+    };
+    add_shared(slot, value);
+    Ok(())
+}
+
+/// The histogram of `key` in `hist`, inserted as `new` if the key is not there yet.
+#[inline(always)]
+fn histogram_of<V>(hist: &HashMap<HistKey, V>, key: &HistKey, new: &V) -> Result<*mut V, Skip> {
+    if let Some(slot) = hist.get_ptr_mut(key) {
+        return Ok(slot);
+    }
     // EEXIST (another CPU inserted the key first) is fine: the lookup finds it.
     let failure = match hist.insert(key, new, u64::from(BPF_NOEXIST)) {
         Err(E2BIG) => Skip::MapFull,
@@ -469,6 +488,22 @@ fn add_shared(hist: *mut HistValue, value: u64) {
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*hist).sum, value);
         cas_extreme(&raw mut (*hist).min, value, true);
         cas_extreme(&raw mut (*hist).max, value, false);
+    }
+}
+
+/// Adds a sample to a shared log2 histogram: two atomic adds, nothing to compare.
+#[inline(always)]
+fn add_log2(hist: *mut Log2Value, value: u64) {
+    let slot = log2_slot(value);
+    // Hides the bound from the compiler for the verifier's sake, as in `bucket_of`.
+    // SAFETY: a plain read of a local.
+    let slot = unsafe { core::ptr::read_volatile(&slot) };
+    // SAFETY: `hist` points at a live map value; every write to it is atomic.
+    unsafe {
+        if let Some(count) = (*hist).slots.get_mut(slot) {
+            atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(count, 1);
+        }
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*hist).sum, value);
     }
 }
 

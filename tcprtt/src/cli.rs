@@ -231,6 +231,19 @@ pub struct Options {
     pub max_rtt: Duration,
 }
 
+impl Options {
+    /// Whether an output shows what only fine buckets give (percentiles, fine bucket
+    /// edges) or min and max: `-e`, JSON, `--prometheus-fine-buckets`, and the wire
+    /// source's flow lines. Otherwise the kernel keeps bcc's log2 rows and the sum only,
+    /// which is cheaper per sample and per key.
+    pub fn keeps_detail(&self) -> bool {
+        self.extension
+            || self.json
+            || self.prometheus.as_ref().is_some_and(|p| p.fine_buckets)
+            || !self.passive.is_empty()
+    }
+}
+
 /// Default of `--max-rtt`.
 pub const DEFAULT_MAX_RTT: Duration = Duration::from_secs(10);
 

@@ -126,9 +126,14 @@ fn large_map_memory(opts: &Options) -> Option<String> {
     }
     // Two maps, allocated per key; per key its hash-table element (about 48 bytes of
     // header and 8 of free-list link), the key and the value, each rounded to 8 bytes.
+    let value = if opts.keeps_detail() {
+        size_of::<tcprtt_common::HistValue>()
+    } else {
+        size_of::<tcprtt_common::Log2Value>()
+    };
     let per_key = 56
         + size_of::<tcprtt_common::HistKey>().next_multiple_of(8) as u64
-        + size_of::<tcprtt_common::HistValue>().next_multiple_of(8) as u64;
+        + value.next_multiple_of(8) as u64;
     let bytes = 2 * u64::from(opts.max_keys) * per_key;
     (bytes >= WORTH_SAYING).then(|| {
         format!(

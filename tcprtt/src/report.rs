@@ -310,9 +310,9 @@ impl FlowSides<'_> {
         self.a.hist.average() + self.b.hist.average()
     }
 
-    /// The two sides' `q` percentiles added.
-    pub fn percentile(&self, q: f64) -> u64 {
-        self.a.hist.percentile(q) + self.b.hist.percentile(q)
+    /// The two sides' `q` percentiles added (`None` without fine buckets).
+    pub fn percentile(&self, q: f64) -> Option<u64> {
+        Some(self.a.hist.percentile(q)? + self.b.hist.percentile(q)?)
     }
 }
 

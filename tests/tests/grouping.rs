@@ -181,3 +181,40 @@ fn by_raddr_gives_a_5ms_and_a_40ms_server_their_own_histograms_in_both_families(
         assert!(h.avg >= floor, "{}\n{}", h.label, out.stdout);
     }
 }
+
+/// Without `-e`, JSON or fine Prometheus buckets the kernel keeps only bcc's log2 rows and
+/// the sum per key (smaller maps, a cheaper sample); with `-e` it keeps fine buckets, min
+/// and max. Two tracers on the same traffic, one of each kind, print the same histograms.
+#[test]
+fn log2_only_and_fine_histograms_print_the_same_rows() {
+    let srv = EchoServer::on("127.4.1.7");
+    let filter = ["-b", "-a", "127.4.1.7", "-a", "127.4.1.8"];
+    let log2 = Tracer::start(&filter);
+    let fine = Tracer::start(&[&filter[..], &["-e"]].concat());
+    ping_pong(sock_addr("127.4.1.8", 0), srv.addr, 300);
+    let (log2, fine) = (log2.stop_with(libc::SIGINT), fine.stop_with(libc::SIGINT));
+
+    let (log2, fine) = (
+        parse_histograms(&log2.stdout),
+        parse_histograms(&fine.stdout),
+    );
+    let labels: Vec<&str> = log2.iter().map(|h| h.label.as_str()).collect();
+    assert_eq!(
+        labels,
+        ["Local Address = 127.4.1.7", "Local Address = 127.4.1.8"],
+        "{log2:?}"
+    );
+    for (l, f) in log2.iter().zip(&fine) {
+        assert!(l.count() >= 300, "{l:?}");
+        assert_eq!((&l.label, l.avg, &l.rows), (&f.label, f.avg, &f.rows));
+        assert_eq!(l.extension, None);
+        assert_eq!(f.extension_field("count"), Some(f.count()), "{f:?}");
+        let (min, max) = (f.extension_field("min"), f.extension_field("max"));
+        assert!(
+            min.zip(max)
+                .is_some_and(|(min, max)| min as f64 <= f.avg && f.avg <= max as f64),
+            "{f:?}"
+        );
+    }
+    assert_eq!(fine.len(), log2.len());
+}

@@ -46,11 +46,11 @@ struct JsonFlow {
     a: JsonKey,
     b: JsonKey,
     avg: Box<RawValue>,
-    p50: u64,
+    p50: Option<u64>,
     a_avg: Box<RawValue>,
     b_avg: Box<RawValue>,
-    a_p50: u64,
-    b_p50: u64,
+    a_p50: Option<u64>,
+    b_p50: Option<u64>,
 }
 
 impl From<&FlowSides<'_>> for JsonFlow {
@@ -126,11 +126,13 @@ struct JsonRow {
     count: u64,
     sum: u64,
     avg: Box<RawValue>,
-    min: u64,
-    max: u64,
-    p50: u64,
-    p90: u64,
-    p99: u64,
+    /// These four are null where the kernel kept no fine buckets (never with `--json`,
+    /// which asks for them; see `Options::keeps_detail`).
+    min: Option<u64>,
+    max: Option<u64>,
+    p50: Option<u64>,
+    p90: Option<u64>,
+    p99: Option<u64>,
     buckets: Vec<JsonBucket>,
 }
 
@@ -161,8 +163,8 @@ impl From<&Row> for JsonRow {
             count: h.count,
             sum: h.sum,
             avg: fixed(h.average(), 6),
-            min: h.min,
-            max: h.max,
+            min: h.min(),
+            max: h.max(),
             p50: h.percentile(0.50),
             p90: h.percentile(0.90),
             p99: h.percentile(0.99),

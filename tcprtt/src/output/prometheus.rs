@@ -133,9 +133,16 @@ fn per_second(unit: Unit) -> f64 {
 /// bucket `le = 2^(k+1)-1`; the fine edges are each fine bucket's largest value.
 fn buckets(hist: &Histogram, unit: Unit, fine: bool) -> Vec<(f64, u64)> {
     let scale = per_second(unit);
-    let mut out: Vec<(f64, u64)> = if fine {
+    // With `fine`, the kernel keeps fine buckets for every sample (`Options::keeps_detail`):
+    // only an empty histogram lacks them.
+    let fine_counts = match &hist.detail {
+        Some(detail) if fine => Some(detail.buckets),
+        None if fine && hist.count == 0 => Some([0; FINE_BUCKETS]),
+        _ => None,
+    };
+    let mut out: Vec<(f64, u64)> = if let Some(counts) = fine_counts {
         (0..FINE_BUCKETS)
-            .map(|b| (bucket_high(b) as f64 / scale, hist.buckets[b]))
+            .map(|b| (bucket_high(b) as f64 / scale, counts[b]))
             .collect()
     } else {
         hist.log2_slots()

@@ -96,16 +96,26 @@ fn log2_table(hist: &Histogram, unit: &str) -> String {
     out
 }
 
+/// An estimate as printed: `~N`, or `?` where the kernel kept no fine buckets.
+fn approx(value: Option<u64>) -> String {
+    value.map_or_else(|| "?".to_string(), |v| format!("~{v}"))
+}
+
+/// An exact figure as printed, `?` where the kernel did not keep it.
+fn exact(value: Option<u64>) -> String {
+    value.map_or_else(|| "?".to_string(), |v| v.to_string())
+}
+
 /// The `-e` line: exact count/min/max, percentiles estimated from the fine buckets.
 fn extension_line(hist: &Histogram, unit: &str) -> String {
     format!(
-        "count {}  min {}  max {}  p50 ~{}  p90 ~{}  p99 ~{} ({unit})\n",
+        "count {}  min {}  max {}  p50 {}  p90 {}  p99 {} ({unit})\n",
         hist.count,
-        hist.min,
-        hist.max,
-        hist.percentile(0.50),
-        hist.percentile(0.90),
-        hist.percentile(0.99),
+        exact(hist.min()),
+        exact(hist.max()),
+        approx(hist.percentile(0.50)),
+        approx(hist.percentile(0.90)),
+        approx(hist.percentile(0.99)),
     )
 }
 
@@ -137,16 +147,16 @@ pub fn render(report: &Report, opts: &TextOptions) -> String {
         let (a, b) = (&flow.a.hist, &flow.b.hist);
         let _ = writeln!(
             out,
-            "Flow {} <-> {} (wire, {}) end-to-end AVG {:.6} = {:.6} + {:.6}, p50 ~{} = ~{} + ~{} ({unit})",
+            "Flow {} <-> {} (wire, {}) end-to-end AVG {:.6} = {:.6} + {:.6}, p50 {} = {} + {} ({unit})",
             endpoint(flow.a.key.laddr, flow.a.key.lport),
             endpoint(flow.a.key.raddr, flow.a.key.rport),
             flow.a.key.iface.as_deref().unwrap_or("?"),
             flow.average(),
             a.average(),
             b.average(),
-            flow.percentile(0.50),
-            a.percentile(0.50),
-            b.percentile(0.50),
+            approx(flow.percentile(0.50)),
+            approx(a.percentile(0.50)),
+            approx(b.percentile(0.50)),
         );
     }
     let losses = &meta.losses;

@@ -1,18 +1,18 @@
 //! Reading the kernel's histograms, one interval at a time, without losing a sample.
 //!
 //! The program writes into one of two sets of maps (`ACTIVE` says which): a hash map of
-//! histograms shared by all CPUs for grouped histograms and a per-CPU array for the
-//! all-traffic one. To drain, userspace
+//! histograms shared by all CPUs for grouped histograms (with fine buckets, or log2 slots
+//! only) and a per-CPU array for the all-traffic one. To drain, userspace
 //! points `ACTIVE` at the other set, waits until every program run that may have read the
 //! old index has finished, then reads and empties the old set, which by then nothing
 //! writes. Every sample lands in exactly one interval.
 
 use anyhow::{Context, Result};
 use aya::{
-    Ebpf,
+    Ebpf, Pod,
     maps::{Array, ArrayOfMaps, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
 };
-use tcprtt_common::{HistKey, HistValue};
+use tcprtt_common::{HistKey, HistValue, Log2Value};
 
 use super::take_map;
 use crate::{
@@ -47,9 +47,34 @@ impl GracePeriod {
     }
 }
 
+/// The pair of grouped maps the program was configured to write.
+enum Grouped {
+    Fine([HashMap<MapData, HistKey, HistValue>; 2]),
+    Log2([HashMap<MapData, HistKey, Log2Value>; 2]),
+}
+
+/// Reads every histogram of `map` and empties it.
+fn drain<V: Pod>(
+    map: &mut HashMap<MapData, HistKey, V>,
+    to_hist: impl Fn(&V) -> Histogram,
+    taken: &mut Vec<(HistKey, Histogram)>,
+) -> Result<()> {
+    let keys = map
+        .keys()
+        .collect::<Result<Vec<_>, _>>()
+        .context("listing histogram keys")?;
+    taken.reserve(keys.len());
+    for key in keys {
+        let value = map.get(&key, 0).context("reading a histogram")?;
+        taken.push((key, to_hist(&value)));
+        map.remove(&key).context("emptying the histogram map")?;
+    }
+    Ok(())
+}
+
 /// Two sets of histogram maps the program writes alternately.
 pub struct DoubleBuffer {
-    hists: [HashMap<MapData, HistKey, HistValue>; 2],
+    grouped: Grouped,
     alls: [PerCpuArray<MapData, HistValue>; 2],
     active: Array<MapData, u32>,
     active_index: u32,
@@ -61,9 +86,10 @@ pub struct DoubleBuffer {
 }
 
 impl DoubleBuffer {
-    /// Takes the maps named `{prefix}HIST0/1`, `{prefix}ALL0/1` and `{prefix}ACTIVE`, and
-    /// writes the value new keys start from into `{prefix}NEW_HIST`.
-    pub fn new(ebpf: &mut Ebpf, prefix: &str) -> Result<Self> {
+    /// Takes the maps named `{prefix}HIST0/1` (`{prefix}LOG2_HIST0/1` if `log2_only`, as
+    /// the program's configuration says), `{prefix}ALL0/1` and `{prefix}ACTIVE`, and writes
+    /// the value new keys start from into `{prefix}NEW_HIST`.
+    pub fn new(ebpf: &mut Ebpf, prefix: &str, log2_only: bool) -> Result<Self> {
         let take = |name: &str| format!("{prefix}{name}");
         let mut new_hist: Array<MapData, HistValue> = take_map(ebpf, &take("NEW_HIST"))?;
         let empty = HistValue {
@@ -73,11 +99,19 @@ impl DoubleBuffer {
         new_hist
             .set(0, empty, 0)
             .context("writing the value new histograms start from")?;
-        Ok(Self {
-            hists: [
+        let grouped = if log2_only {
+            Grouped::Log2([
+                take_map(ebpf, &take("LOG2_HIST0"))?,
+                take_map(ebpf, &take("LOG2_HIST1"))?,
+            ])
+        } else {
+            Grouped::Fine([
                 take_map(ebpf, &take("HIST0"))?,
                 take_map(ebpf, &take("HIST1"))?,
-            ],
+            ])
+        };
+        Ok(Self {
+            grouped,
             alls: [
                 take_map(ebpf, &take("ALL0"))?,
                 take_map(ebpf, &take("ALL1"))?,
@@ -106,18 +140,18 @@ impl DoubleBuffer {
         self.active_index = next;
         self.grace.wait()?;
 
-        let map = &mut self.hists[old];
-        let keys = map
-            .keys()
-            .collect::<Result<Vec<_>, _>>()
-            .context("listing histogram keys")?;
-        let mut taken = Vec::with_capacity(keys.len() + 1);
-        for key in keys {
-            let mut value = map.get(&key, 0).context("reading a histogram")?;
-            // The program leaves `count` to userspace in shared histograms.
-            value.count = value.buckets.iter().map(|n| u64::from(*n)).sum();
-            taken.push((key, Histogram::merge([&value])));
-            map.remove(&key).context("emptying the histogram map")?;
+        let mut taken = Vec::new();
+        match &mut self.grouped {
+            Grouped::Fine(maps) => drain(
+                &mut maps[old],
+                |value| {
+                    // The program leaves `count` to userspace in shared histograms.
+                    let count = value.buckets.iter().map(|n| u64::from(*n)).sum();
+                    Histogram::merge([&HistValue { count, ..*value }])
+                },
+                &mut taken,
+            )?,
+            Grouped::Log2(maps) => drain(&mut maps[old], Histogram::from_log2, &mut taken)?,
         }
 
         let all = &mut self.alls[old];

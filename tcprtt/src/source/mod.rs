@@ -61,9 +61,16 @@ pub fn load_with_filters(
     };
     // A map needs at least one entry even when its filter is unused.
     let len = |n: usize| n.max(1) as u32;
+    let (fine_entries, log2_entries) = if opts.keeps_detail() {
+        (hist_entries, 1)
+    } else {
+        (1, hist_entries)
+    };
     let mut ebpf = loader
-        .map_max_entries("HIST0", hist_entries)
-        .map_max_entries("HIST1", hist_entries)
+        .map_max_entries("HIST0", fine_entries)
+        .map_max_entries("HIST1", fine_entries)
+        .map_max_entries("LOG2_HIST0", log2_entries)
+        .map_max_entries("LOG2_HIST1", log2_entries)
         .map_max_entries("LADDRS", len(opts.laddr.len()))
         .map_max_entries("RADDRS", len(opts.raddr.len()))
         .map_max_entries("LPORTS", len(opts.lport.len()))

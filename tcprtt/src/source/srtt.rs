@@ -161,6 +161,7 @@ pub fn probe_config(opts: &Options, offsets: ProbeConfig) -> ProbeConfig {
         family: opts.family,
         group_by: opts.grouping.id,
         milliseconds: u32::from(opts.milliseconds),
+        log2_only: u32::from(!opts.keeps_detail()),
         ..offsets
     }
 }
@@ -291,7 +292,7 @@ impl Srtt {
             .as_raw_fd();
         Ok(Self {
             fdinfo: PathBuf::from(format!("/proc/self/fdinfo/{fd}")),
-            buffers: DoubleBuffer::new(&mut ebpf, "")?,
+            buffers: DoubleBuffer::new(&mut ebpf, "", !opts.keeps_detail())?,
             stats: super::take_map(&mut ebpf, "STATS")?,
             ebpf,
             hook,

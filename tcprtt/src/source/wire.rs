@@ -471,7 +471,7 @@ impl Wire {
         // Loaded (verified) before any map is taken out of the object: the programs then
         // hold every map they use, whatever userspace keeps or drops.
         load_programs(&mut ebpf, &opts.passive)?;
-        let mut buffers = DoubleBuffer::new(&mut ebpf, "")?;
+        let mut buffers = DoubleBuffer::new(&mut ebpf, "", !opts.keeps_detail())?;
         buffers.name_ifaces(IfaceNames::new(
             opts.passive.iter().map(|i| (i.index, i.name.as_str())),
         ));
