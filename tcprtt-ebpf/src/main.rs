@@ -377,41 +377,60 @@ fn select(sk: *const u8, cfg: &ProbeConfig) -> Result<HistKey, Skip> {
 fn add_sample(key: &HistKey, value: u64) -> Result<(), Skip> {
     let second = matches!(ACTIVE.get(0), Some(1));
     if CONFIG.load().log2_only != 0 {
-        // Small enough for the stack, unlike a `HistValue`.
-        let new = Log2Value::ZERO;
         let slot = if second {
-            histogram_of(&LOG2_HIST1, key, &new)?
+            histogram_of(&LOG2_HIST1, key, new_log2)?
         } else {
-            histogram_of(&LOG2_HIST0, key, &new)?
+            histogram_of(&LOG2_HIST0, key, new_log2)?
         };
         add_log2(slot, value);
-        return Ok(());
-    }
-    let new = NEW_HIST.get_ptr(0).ok_or(Skip::MapFull)?;
-    // SAFETY: `new` points at a live map value of the right type. Passing it by reference
-    // keeps the 808-byte value off the 512-byte BPF stack.
-    let new: &HistValue = unsafe { &*new };
-    let slot = if second {
-        histogram_of(&HIST1, key, new)?
     } else {
-        histogram_of(&HIST0, key, new)?
-    };
-    add_shared(slot, value);
+        let slot = if second {
+            histogram_of(&HIST1, key, new_fine)?
+        } else {
+            histogram_of(&HIST0, key, new_fine)?
+        };
+        add_shared(slot, value);
+    }
     Ok(())
 }
 
-/// The histogram of `key` in `hist`, inserted as `new` if the key is not there yet.
+/// Result of a map insert, as the kernel returns it.
+type Inserted = Result<(), i32>;
+
+/// The histogram of `key` in `hist`, inserted by `insert` if the key is not there yet.
+/// The empty value is only built on that path: zeroing it on every sample would cost more
+/// than the rest of the update.
 #[inline(always)]
-fn histogram_of<V>(hist: &HashMap<HistKey, V>, key: &HistKey, new: &V) -> Result<*mut V, Skip> {
+fn histogram_of<V>(
+    hist: &HashMap<HistKey, V>,
+    key: &HistKey,
+    insert: fn(&HashMap<HistKey, V>, &HistKey) -> Inserted,
+) -> Result<*mut V, Skip> {
     if let Some(slot) = hist.get_ptr_mut(key) {
         return Ok(slot);
     }
     // EEXIST (another CPU inserted the key first) is fine: the lookup finds it.
-    let failure = match hist.insert(key, new, u64::from(BPF_NOEXIST)) {
+    let failure = match insert(hist, key) {
         Err(E2BIG) => Skip::MapFull,
         _ => Skip::NoMemory,
     };
     hist.get_ptr_mut(key).ok_or(failure)
+}
+
+/// Inserts an empty log2 histogram (small enough for the stack).
+#[inline(always)]
+fn new_log2(hist: &HashMap<HistKey, Log2Value>, key: &HistKey) -> Inserted {
+    let empty = Log2Value::ZERO;
+    hist.insert(key, &empty, u64::from(BPF_NOEXIST))
+}
+
+/// Inserts an empty fine histogram, copied from `NEW_HIST`: the 808-byte value does not
+/// fit the 512-byte BPF stack.
+#[inline(always)]
+fn new_fine(hist: &HashMap<HistKey, HistValue>, key: &HistKey) -> Inserted {
+    let new = NEW_HIST.get_ptr(0).ok_or(E2BIG)?;
+    // SAFETY: `new` points at a live map value of the right type.
+    hist.insert(key, unsafe { &*new }, u64::from(BPF_NOEXIST))
 }
 
 /// The fine bucket of `value`, bounded where the verifier can see it.

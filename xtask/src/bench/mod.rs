@@ -143,6 +143,9 @@ struct Mode {
     server: SocketAddr,
     /// Whether `server` serves on the client's CPU.
     one_cpu: bool,
+    /// Arguments for tcprtt alone, asking for what the C design does not keep (its ratio
+    /// then shows that price and has no target).
+    tcprtt_extra: Vec<String>,
 }
 
 /// bpftrace's one-liner, and the same grouped by family and IPv4 remote address (the
@@ -152,8 +155,9 @@ const BPFTRACE_BY_RADDR: &str = "tracepoint:tcp:tcp_probe { @[args->family, args
      args->daddr[5], args->daddr[6], args->daddr[7]] = hist(args->srtt >> 3); }";
 
 /// The modes, their ping-pong with `server` (its connections served on CPU 1, the client
-/// on CPU 0), and last `-B` again with `same_cpu`, an echo server on the client's CPU: there
-/// no two CPUs update one histogram at once.
+/// on CPU 0), `-B` with `-e` (fine buckets, which the C design has no equivalent of), and
+/// last `-B` again with `same_cpu`, an echo server on the client's CPU: there no two CPUs
+/// update one histogram at once.
 fn modes(server: SocketAddr, same_cpu: SocketAddr) -> Vec<Mode> {
     let mode = |name: &str, args: &[&str], bpftrace| Mode {
         name: name.to_string(),
@@ -161,6 +165,7 @@ fn modes(server: SocketAddr, same_cpu: SocketAddr) -> Vec<Mode> {
         bpftrace,
         server,
         one_cpu: false,
+        tcprtt_extra: Vec::new(),
     };
     let port = server.port().to_string();
     vec![
@@ -178,6 +183,14 @@ fn modes(server: SocketAddr, same_cpu: SocketAddr) -> Vec<Mode> {
             &["-A", "203.0.113.0/24", "-p", "9"],
             None,
         ),
+        Mode {
+            tcprtt_extra: vec!["-e".to_string()],
+            ..mode(
+                "`-B -e` (fine buckets, min and max; the C peer runs `-B`)",
+                &["-B"],
+                None,
+            )
+        },
         Mode {
             server: same_cpu,
             one_cpu: true,

@@ -121,7 +121,10 @@ fn cost(md: &mut String, r: &Results, missed: &mut Vec<String>) {
          address and the server's half of them on the port (the client's local port is \
          ephemeral), so half the events pass both filters. **tcprtt / C** is the median of the \
          per-round ratios; *net* is the same ratio after subtracting the empty program's \
-         time from both (the hook's fixed cost as the statistics see it).\n\n\
+         time from both (the hook's fixed cost as the statistics see it). In the grouped \
+         modes tcprtt keeps per key what it prints, bcc's log2 rows and the sum; with `-e` \
+         it also keeps fine buckets, min and max, which the C design has no equivalent of, \
+         so that row has no target.\n\n\
          bpftrace attaches to the classic tracepoint `tracepoint:tcp:tcp_probe`: the kernel \
          fills the trace record (addresses, ports, `srtt_us >> 3` and more) before the \
          program runs, outside its measured time, so its figure leaves out work a \
@@ -162,9 +165,13 @@ fn cost(md: &mut String, r: &Results, missed: &mut Vec<String>) {
             ratio.show(2),
             net_ratios(ours, theirs).show(2),
             bpftrace.map_or("—".into(), |b| ratios(&ours.ns, &b.ns).show(2)),
-            ratio_verdict(ratio),
+            if mode.tcprtt_extra.is_empty() {
+                ratio_verdict(ratio)
+            } else {
+                "no target"
+            },
         );
-        if ratio.median > 1.0 {
+        if ratio.median > 1.0 && mode.tcprtt_extra.is_empty() {
             let ours_v = c.verified.iter().find(|(t, _)| *t == Tool::Tcprtt);
             let theirs_v = c.verified.iter().find(|(t, _)| *t == Tool::C);
             let shape = match (ours_v, theirs_v) {

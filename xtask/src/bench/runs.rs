@@ -35,7 +35,8 @@ impl ModeCost {
 /// The arguments that run `tool` in `mode`, or `None` where it has no equivalent.
 pub fn args_for(tool: Tool, mode: &Mode) -> Option<Vec<String>> {
     match tool {
-        Tool::Tcprtt | Tool::C => Some(mode.args.clone()),
+        Tool::Tcprtt => Some([&mode.args[..], &mode.tcprtt_extra[..]].concat()),
+        Tool::C => Some(mode.args.clone()),
         Tool::Bpftrace => mode.bpftrace.map(|s| vec!["-e".to_string(), s.to_string()]),
     }
 }
