@@ -299,6 +299,38 @@ impl Log2Value {
     };
 }
 
+/// A CPU's hot key in the log2 maps: the grouped key it saw last, and the samples of that
+/// key it has added here rather than to the shared map. While a CPU keeps seeing one key, a
+/// sample is a few plain adds to its own copy: no hashing, no cache line passed between
+/// CPUs. When another key comes, the held samples move into the shared map. The key is
+/// made hot only once it has its place in that map, so `--max-keys` holds as before.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HotKey {
+    /// The key the samples below belong to.
+    pub key: HistKey,
+    /// 1 while `key` is set (userspace empties a drained copy to 0).
+    pub held: u32,
+    /// The samples of `key` not yet moved into the shared map.
+    pub value: Log2Value,
+}
+
+impl HotKey {
+    pub const ZERO: Self = Self {
+        key: HistKey {
+            family: 0,
+            lport: 0,
+            rport: 0,
+            side: 0,
+            laddr: [0; 16],
+            raddr: [0; 16],
+            ifindex: 0,
+        },
+        held: 0,
+        value: Log2Value::ZERO,
+    };
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: repr(C), padding-free and valid for any bit pattern.
@@ -309,6 +341,8 @@ mod user {
     unsafe impl aya::Pod for super::HistValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Log2Value {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::HotKey {}
 }
 
 #[cfg(test)]
@@ -369,5 +403,9 @@ mod tests {
         assert_eq!(size_of::<HistKey>(), 4 * 2 + 16 + 16 + 4);
         assert_eq!(size_of::<HistValue>(), (FINE_BUCKETS + 1) * 4 + 4 * 8);
         assert_eq!(size_of::<Log2Value>(), 8 + (LOG2_SLOTS + 1) * 4);
+        assert_eq!(
+            size_of::<HotKey>(),
+            size_of::<HistKey>() + 4 + size_of::<Log2Value>()
+        );
     }
 }

@@ -26,8 +26,8 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, FEntryContext},
 };
 use tcprtt_common::{
-    AF_INET, AF_INET6, FILTER_KEY_LEN, HistKey, HistValue, Log2Value, ProbeConfig, family, filter,
-    fine_bucket, group, log2_slot, stat,
+    AF_INET, AF_INET6, FILTER_KEY_LEN, HistKey, HistValue, HotKey, LOG2_SLOTS, Log2Value,
+    ProbeConfig, family, filter, fine_bucket, group, log2_slot, stat,
 };
 
 /// `-E2BIG`: what inserting into a full hash map returns.
@@ -56,6 +56,11 @@ static HIST1: HashMap<HistKey, HistValue> = HashMap::with_max_entries(1, BPF_F_N
 static LOG2_HIST0: HashMap<HistKey, Log2Value> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
 #[map]
 static LOG2_HIST1: HashMap<HistKey, Log2Value> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
+/// Each CPU's hot key of `LOG2_HIST0`/`LOG2_HIST1` (see `HotKey`), drained with its map.
+#[map]
+static LOG2_HOT0: PerCpuArray<HotKey> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static LOG2_HOT1: PerCpuArray<HotKey> = PerCpuArray::with_max_entries(1, 0);
 /// The single histogram of the srtt programs when not grouping (the wire programs key even
 /// that by interface and side): a per-CPU array needs no key hashing and
 /// no atomic operation.
@@ -142,6 +147,15 @@ fn count_failure(result: Result<(), Skip>) {
 #[inline(always)]
 fn bump(index: u32) {
     bump_in(&STATS, index);
+}
+
+/// Adds `n` to counter `index` of `STATS`.
+#[inline(always)]
+fn add_to_stat(index: u32, n: u64) {
+    if let Some(counter) = STATS.get_ptr_mut(index) {
+        // SAFETY: a per-CPU slot, only ever touched by this CPU with preemption disabled.
+        unsafe { *counter += n };
+    }
 }
 
 /// Adds one to counter `index` of a per-CPU counter array.
@@ -377,12 +391,11 @@ fn select(sk: *const u8, cfg: &ProbeConfig) -> Result<HistKey, Skip> {
 fn add_sample(key: &HistKey, value: u64) -> Result<(), Skip> {
     let second = matches!(ACTIVE.get(0), Some(1));
     if CONFIG.load().log2_only != 0 {
-        let slot = if second {
-            histogram_of(&LOG2_HIST1, key, new_log2)?
+        if second {
+            add_log2_hot(&LOG2_HOT1, &LOG2_HIST1, key, value)?;
         } else {
-            histogram_of(&LOG2_HIST0, key, new_log2)?
-        };
-        add_log2(slot, value);
+            add_log2_hot(&LOG2_HOT0, &LOG2_HIST0, key, value)?;
+        }
     } else {
         let slot = if second {
             histogram_of(&HIST1, key, new_fine)?
@@ -510,20 +523,102 @@ fn add_shared(hist: *mut HistValue, value: u64) {
     }
 }
 
-/// Adds a sample to a shared log2 histogram: two atomic adds, nothing to compare.
+/// A key as 32-bit words, the widest loads its 4-byte alignment allows on the stack.
+const KEY_WORDS: usize = size_of::<HistKey>() / 4;
+
 #[inline(always)]
-fn add_log2(hist: *mut Log2Value, value: u64) {
+fn key_words(key: &HistKey) -> [u32; KEY_WORDS] {
+    // SAFETY: a padding-free struct of 4-byte alignment read as its words.
+    unsafe { core::mem::transmute::<HistKey, [u32; KEY_WORDS]>(*key) }
+}
+
+/// Whether two keys are equal, compared word by word with no early exit, which the
+/// compiler keeps as plain loads (a `==` on the struct may become a byte-loop `memcmp`).
+#[inline(always)]
+fn same_key(a: &HistKey, b: &HistKey) -> bool {
+    let (a, b) = (key_words(a), key_words(b));
+    let mut diff = 0;
+    for i in 0..KEY_WORDS {
+        diff |= a[i] ^ b[i];
+    }
+    diff == 0
+}
+
+/// Adds a sample to the log2 histogram of `key`, through this CPU's hot key (`HotKey`):
+/// to the CPU's own copy when `key` is hot, else straight to the shared map, after which
+/// `key` becomes hot and the previous hot key's samples move into the map.
+#[inline(always)]
+fn add_log2_hot(
+    hot: &PerCpuArray<HotKey>,
+    hist: &HashMap<HistKey, Log2Value>,
+    key: &HistKey,
+    value: u64,
+) -> Result<(), Skip> {
+    let hot = hot.get_ptr_mut(0).ok_or(Skip::Unreadable)?;
+    // SAFETY: this CPU's own copy of a per-CPU value, which nothing else writes meanwhile
+    // (see `add_to_all`).
+    let hot = unsafe { &mut *hot };
     let slot = log2_slot(value);
     // Hides the bound from the compiler for the verifier's sake, as in `bucket_of`.
     // SAFETY: a plain read of a local.
     let slot = unsafe { core::ptr::read_volatile(&slot) };
-    // SAFETY: `hist` points at a live map value; every write to it is atomic.
+    if hot.held != 0 && same_key(&hot.key, key) {
+        if let Some(count) = hot.value.slots.get_mut(slot) {
+            *count += 1;
+        }
+        hot.value.sum += value;
+        return Ok(());
+    }
+    let shared = histogram_of(hist, key, new_log2)?;
+    // SAFETY: `shared` points at a live map value; every write to it is atomic.
     unsafe {
-        if let Some(count) = (*hist).slots.get_mut(slot) {
+        if let Some(count) = (*shared).slots.get_mut(slot) {
             atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(count, 1);
         }
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*hist).sum, value);
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*shared).sum, value);
     }
+    if hot.held != 0 {
+        move_to_map(hot, hist);
+    }
+    // Word by word, for the reason `same_key` gives for `==`.
+    let words = key_words(key);
+    // SAFETY: the hot key's storage viewed as its words, written in place.
+    let hot_words = unsafe { &mut *(&raw mut hot.key).cast::<[u32; KEY_WORDS]>() };
+    for i in 0..KEY_WORDS {
+        hot_words[i] = words[i];
+    }
+    hot.held = 1;
+    Ok(())
+}
+
+/// Moves the samples a CPU holds for its hot key into the shared map, leaving the CPU's
+/// copy empty. The key is in the map (it became hot only once it was, and userspace
+/// deletes keys only from the map it drains, emptying that map's hot copies with it);
+/// should it be missing, its samples count as dropped.
+#[inline(always)]
+fn move_to_map(hot: &mut HotKey, hist: &HashMap<HistKey, Log2Value>) {
+    let Some(shared) = hist.get_ptr_mut(&hot.key) else {
+        let held: u32 = hot.value.slots.iter().sum();
+        add_to_stat(stat::DROPPED, u64::from(held));
+        hot.value.slots = [0; LOG2_SLOTS];
+        hot.value.sum = 0;
+        return;
+    };
+    for i in 0..LOG2_SLOTS {
+        let n = hot.value.slots[i];
+        if n != 0 {
+            // SAFETY: `shared` points at a live map value; every write to it is atomic.
+            unsafe {
+                atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(&raw mut (*shared).slots[i], n)
+            };
+            hot.value.slots[i] = 0;
+        }
+    }
+    // SAFETY: as above.
+    unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*shared).sum, hot.value.sum)
+    };
+    hot.value.sum = 0;
 }
 
 #[cfg(not(test))]

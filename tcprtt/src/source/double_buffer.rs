@@ -12,7 +12,9 @@ use aya::{
     Ebpf, Pod,
     maps::{Array, ArrayOfMaps, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
 };
-use tcprtt_common::{HistKey, HistValue, Log2Value};
+use std::collections::HashMap as StdHashMap;
+
+use tcprtt_common::{HistKey, HistValue, HotKey, Log2Value};
 
 use super::take_map;
 use crate::{
@@ -50,7 +52,30 @@ impl GracePeriod {
 /// The pair of grouped maps the program was configured to write.
 enum Grouped {
     Fine([HashMap<MapData, HistKey, HistValue>; 2]),
-    Log2([HashMap<MapData, HistKey, Log2Value>; 2]),
+    /// With each map, the CPUs' hot keys that go with it (see `HotKey`).
+    Log2 {
+        maps: [HashMap<MapData, HistKey, Log2Value>; 2],
+        hot: Box<[PerCpuArray<MapData, HotKey>; 2]>,
+    },
+}
+
+/// Adds the samples CPUs held for their hot keys to the histograms drained from the map.
+fn add_held<'a>(taken: &mut Vec<(HistKey, Histogram)>, hot: impl IntoIterator<Item = &'a HotKey>) {
+    let mut held: StdHashMap<HistKey, Histogram> = StdHashMap::new();
+    for h in hot.into_iter().filter(|h| h.held != 0) {
+        held.entry(h.key)
+            .or_default()
+            .absorb(&Histogram::from_log2(&h.value));
+    }
+    held.retain(|_, hist| hist.count > 0);
+    for (key, hist) in taken.iter_mut() {
+        if let Some(part) = held.remove(key) {
+            hist.absorb(&part);
+        }
+    }
+    let mut rest: Vec<_> = held.into_iter().collect();
+    rest.sort_by_key(|(key, _)| *key);
+    taken.extend(rest);
 }
 
 /// Reads every histogram of `map` and empties it.
@@ -86,8 +111,8 @@ pub struct DoubleBuffer {
 }
 
 impl DoubleBuffer {
-    /// Takes the maps named `{prefix}HIST0/1` (`{prefix}LOG2_HIST0/1` if `log2_only`, as
-    /// the program's configuration says), `{prefix}ALL0/1` and `{prefix}ACTIVE`, and writes
+    /// Takes the maps named `{prefix}HIST0/1` (`{prefix}LOG2_HIST0/1` and
+    /// `{prefix}LOG2_HOT0/1` if `log2_only`, as the program's configuration says), `{prefix}ALL0/1` and `{prefix}ACTIVE`, and writes
     /// the value new keys start from into `{prefix}NEW_HIST`.
     pub fn new(ebpf: &mut Ebpf, prefix: &str, log2_only: bool) -> Result<Self> {
         let take = |name: &str| format!("{prefix}{name}");
@@ -100,10 +125,16 @@ impl DoubleBuffer {
             .set(0, empty, 0)
             .context("writing the value new histograms start from")?;
         let grouped = if log2_only {
-            Grouped::Log2([
-                take_map(ebpf, &take("LOG2_HIST0"))?,
-                take_map(ebpf, &take("LOG2_HIST1"))?,
-            ])
+            Grouped::Log2 {
+                maps: [
+                    take_map(ebpf, &take("LOG2_HIST0"))?,
+                    take_map(ebpf, &take("LOG2_HIST1"))?,
+                ],
+                hot: Box::new([
+                    take_map(ebpf, &take("LOG2_HOT0"))?,
+                    take_map(ebpf, &take("LOG2_HOT1"))?,
+                ]),
+            }
         } else {
             Grouped::Fine([
                 take_map(ebpf, &take("HIST0"))?,
@@ -151,7 +182,15 @@ impl DoubleBuffer {
                 },
                 &mut taken,
             )?,
-            Grouped::Log2(maps) => drain(&mut maps[old], Histogram::from_log2, &mut taken)?,
+            Grouped::Log2 { maps, hot } => {
+                drain(&mut maps[old], Histogram::from_log2, &mut taken)?;
+                let hot = &mut hot[old];
+                let shares = hot.get(&0, 0).context("reading the CPUs' hot keys")?;
+                add_held(&mut taken, shares.iter());
+                let empty = vec![HotKey::ZERO; shares.len()];
+                hot.set(0, PerCpuValues::try_from(empty)?, 0)
+                    .context("emptying the CPUs' hot keys")?;
+            }
         }
 
         let all = &mut self.alls[old];
@@ -179,5 +218,58 @@ impl DoubleBuffer {
                 hist,
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tcprtt_common::LOG2_SLOTS;
+
+    use super::*;
+
+    fn key(rport: u16) -> HistKey {
+        HistKey {
+            rport,
+            ..HistKey::default()
+        }
+    }
+
+    fn hot(rport: u16, slot: usize, n: u32, sum: u64) -> HotKey {
+        let mut slots = [0; LOG2_SLOTS];
+        slots[slot] = n;
+        HotKey {
+            key: key(rport),
+            held: 1,
+            value: Log2Value {
+                sum,
+                slots,
+                reserved: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn held_samples_join_their_key_or_make_a_row_and_empty_copies_add_nothing() {
+        let in_map = |n: u32, sum| Histogram::from_log2(&hot(1, 3, n, sum).value);
+        let mut taken = vec![(key(1), in_map(5, 50))];
+        let cpus = [
+            hot(1, 3, 2, 20),
+            hot(2, 4, 1, 17),
+            HotKey::ZERO,
+            HotKey {
+                held: 0,
+                ..hot(3, 1, 9, 9)
+            },
+            hot(1, 5, 1, 40),
+        ];
+        add_held(&mut taken, &cpus);
+        assert_eq!(taken.len(), 2);
+        let (k, h) = &taken[0];
+        assert_eq!(
+            (*k, h.count, h.sum, h.slots[3], h.slots[5]),
+            (key(1), 8, 110, 7, 1)
+        );
+        let (k, h) = &taken[1];
+        assert_eq!((*k, h.count, h.sum, h.slots[4]), (key(2), 1, 17, 1));
     }
 }
