@@ -10,13 +10,13 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
-    Btf, Ebpf, EbpfLoader,
+    Btf, Ebpf,
     maps::{MapData, PerCpuArray},
     programs::{BtfTracePoint, FEntry, Program, ProgramError},
 };
 use tcprtt_common::{ProbeConfig, filter, stat};
 
-use super::{Source, Taken, double_buffer::DoubleBuffer, load_with_filters};
+use super::{Source, Taken, double_buffer::DoubleBuffer, load_with_filters, loader};
 use crate::{
     btf::{self, KernelBtf},
     cli::{Attach, Options},
@@ -207,8 +207,10 @@ struct Counters {
 struct StartUp {
     /// Reading and indexing the kernel's BTF, and the offsets and target ids from it.
     btf: Duration,
-    /// aya's loader: its own parse of the kernel's BTF, then the object, maps and filters.
+    /// aya's loader: the object, maps and filters, and its own parse of the kernel's BTF
+    /// unless `kernel_btf` says it was kept from it.
     loader: Duration,
+    kernel_btf: loader::KernelBtf,
     /// The hooks tried, each with its stand-in BTF, until one attached.
     attach: Duration,
 }
@@ -217,10 +219,11 @@ impl StartUp {
     fn describe(&self) -> String {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         format!(
-            "start-up {:.1} ms: kernel BTF {:.1} ms, aya's loader {:.1} ms, attach {:.1} ms",
+            "start-up {:.1} ms: kernel BTF {:.1} ms, aya's loader {:.1} ms ({}), attach {:.1} ms",
             ms(self.btf + self.loader + self.attach),
             ms(self.btf),
             ms(self.loader),
+            self.kernel_btf.describe(),
             ms(self.attach)
         )
     }
@@ -262,12 +265,11 @@ impl Srtt {
         let btf_read = began.elapsed();
         let config = probe_config(opts, offsets);
         // The object has no CO-RE relocations (the offsets travel in CONFIG), so the
-        // loader needs no kernel BTF; aya 0.14's `EbpfLoader::new()` parses it anyway,
-        // and `.btf(None)` at least frees that parse before the object loads.
+        // loader needs no kernel BTF: `loader::new` keeps aya 0.14's `EbpfLoader::new()`
+        // from parsing it where it can, and `.btf(None)` frees the parse where it cannot.
+        let (mut loader, kernel_btf) = loader::new();
         let mut ebpf = load_with_filters(
-            EbpfLoader::new()
-                .btf(None)
-                .override_global("CONFIG", &config, true),
+            loader.btf(None).override_global("CONFIG", &config, true),
             opts,
             object,
         )?;
@@ -280,6 +282,7 @@ impl Srtt {
         let startup = StartUp {
             btf: btf_read,
             loader: loaded - btf_read,
+            kernel_btf,
             attach: began.elapsed() - loaded,
         };
         let fd = ebpf
