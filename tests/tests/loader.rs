@@ -217,9 +217,10 @@ fn mounts_on_kernel_btf() -> Vec<String> {
 #[test]
 fn runs_ended_any_way_leave_the_hosts_kernel_btf_as_it_was() {
     let (mounts, btf) = (mounts_on_kernel_btf(), std::fs::read(KERNEL_BTF).unwrap());
-    // Ended by SIGINT, by SIGKILL while tracing, and by SIGKILL during its start-up,
-    // each with and without Landlock.
-    for (i, landlock) in [true, false].into_iter().enumerate() {
+    // Ended by SIGINT, by SIGKILL while tracing, and by SIGKILL at points across its
+    // start-up (the loader's thread runs some 5 to 15 ms in), each with and without
+    // Landlock.
+    for landlock in [true, false] {
         let with = |command: &mut Command| {
             if !landlock {
                 without_landlock(command);
@@ -236,16 +237,18 @@ fn runs_ended_any_way_leave_the_hosts_kernel_btf_as_it_was() {
         let out = t.stop_with(libc::SIGKILL);
         assert_eq!(out.status.code(), None, "{out:?}");
 
-        let mut command = as_root(&[]);
-        with(&mut command);
-        let mut child = command
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting tcprtt");
-        std::thread::sleep(Duration::from_millis(2 + 3 * i as u64));
-        child.kill().expect("SIGKILL");
-        child.wait().expect("reaping tcprtt");
+        for ms in (2..=22).step_by(4) {
+            let mut command = as_root(&[]);
+            with(&mut command);
+            let mut child = command
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("starting tcprtt");
+            std::thread::sleep(Duration::from_millis(ms));
+            child.kill().expect("SIGKILL");
+            child.wait().expect("reaping tcprtt");
+        }
 
         assert_eq!(mounts_on_kernel_btf(), mounts);
         assert!(std::fs::read(KERNEL_BTF).unwrap() == btf);
