@@ -303,8 +303,8 @@ fn lifecycle(md: &mut String, lifecycle: &[(Tool, Lifecycle)], missed: &mut Vec<
          /sys/kernel/btf/vmlinux (Landlock, or a chroot of that thread alone), and aya's \
          loader parses nothing. Trying a hook needs an aya `Btf` that holds its target at the \
          kernel's id, one entry for every type before it: for fentry/tcp_rcv_established \
-         that is most of the kernel's types, built and freed even where the kernel then \
-         refuses fentry.",
+         that is most of the kernel's types, so tcprtt first loads the smallest fentry \
+         program there and builds that stand-in only if the kernel accepts it.",
         phase(0).show(1),
         phase(1).show(1),
         phase(2).show(1),
@@ -312,9 +312,9 @@ fn lifecycle(md: &mut String, lifecycle: &[(Tool, Lifecycle)], missed: &mut Vec<
 }
 
 /// Why start-up and peak RSS stay above the C tool's, from the start-up phases above.
-const AYA_TIME_WHY: &str = " The largest parts are reading the kernel's BTF and trying the \
-     hooks, fentry's with a stand-in BTF as long as the kernel's list of types up to its \
-     target (see the start-up phases above).";
-const AYA_RSS_WHY: &str = " The peak is reached while trying fentry, whose stand-in BTF \
-     holds an entry for every kernel type up to its target; it is handed back to the kernel \
-     once attached (RSS while tracing).";
+const AYA_TIME_WHY: &str = " The largest parts are reading the kernel's BTF and attaching, \
+     with a stand-in BTF as long as the kernel's list of types up to the hook's target (see \
+     the start-up phases above).";
+const AYA_RSS_WHY: &str = " The peak is reached while attaching, with a stand-in BTF that \
+     holds an entry for every kernel type up to the hook's target; it is handed back to the \
+     kernel once attached (RSS while tracing).";
