@@ -6,10 +6,15 @@
 //! socket fields in.
 
 use std::{
-    fs::OpenOptions,
+    fs::{File, OpenOptions},
     io::Read,
-    os::unix::fs::{FileTypeExt, OpenOptionsExt},
+    ops::Deref,
+    os::{
+        fd::AsRawFd,
+        unix::fs::{FileTypeExt, OpenOptionsExt},
+    },
     path::Path,
+    ptr::NonNull,
 };
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
@@ -126,9 +131,83 @@ fn payload_len(kind: u32, vlen: usize) -> usize {
     }
 }
 
+/// A BTF file's bytes, mapped or read.
+#[derive(Debug)]
+pub enum Bytes {
+    /// The kernel's own BTF, mapped read-only from sysfs (Linux 6.16 and later allow it):
+    /// no copy made and no memory of the process's own, where a read takes over a thousand
+    /// page-sized calls and as many MiB as the file has.
+    Mapped {
+        start: NonNull<u8>,
+        len: usize,
+    },
+    Read(Vec<u8>),
+}
+
+impl Deref for Bytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            // SAFETY: a live read-only mapping of `len` bytes (unmapped only on drop) of a
+            // file the kernel never changes.
+            Self::Mapped { start, len } => unsafe {
+                std::slice::from_raw_parts(start.as_ptr(), *len)
+            },
+            Self::Read(data) => data,
+        }
+    }
+}
+
+impl Drop for Bytes {
+    fn drop(&mut self) {
+        if let Self::Mapped { start, len } = self {
+            // SAFETY: the mapping made in `map_kernel_btf`, which no slice outlives.
+            unsafe { libc::munmap(start.as_ptr().cast(), *len) };
+        }
+    }
+}
+
+/// `SYSFS_MAGIC` (linux/magic.h): the file system of /sys/kernel/btf.
+const SYSFS_MAGIC: libc::c_long = 0x6265_6572;
+
+/// `len` bytes of `file` mapped read-only, if it is on sysfs (where BTF is the kernel's own
+/// and never changes) and the kernel maps it. Another file could shrink under the mapping
+/// and fault tcprtt's reads, so it is read instead.
+fn map_kernel_btf(file: &File, len: u64) -> Option<Bytes> {
+    let len = usize::try_from(len).ok().filter(|len| *len > 0)?;
+    // SAFETY: statfs is plain data, filled by the kernel.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor and a struct to fill.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &raw mut fs) } != 0
+        || libc::c_long::from(fs.f_type) != SYSFS_MAGIC
+    {
+        return None;
+    }
+    // SAFETY: a new read-only mapping at an address the kernel picks.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        return None;
+    }
+    Some(Bytes::Mapped {
+        start: NonNull::new(addr.cast())?,
+        len,
+    })
+}
+
 /// Reads a BTF file: a regular file of at most [`MAX_BTF_BYTES`]. The open does not wait
 /// for a writer (a FIFO is refused, not waited on), and nothing past the bound is read.
-pub fn read_file(path: &Path) -> Result<Vec<u8>> {
+/// The kernel's own BTF is mapped instead where the kernel allows.
+pub fn read_file(path: &Path) -> Result<Bytes> {
     let file = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
@@ -164,6 +243,9 @@ pub fn read_file(path: &Path) -> Result<Vec<u8>> {
     if meta.len() > MAX_BTF_BYTES {
         return Err(too_large());
     }
+    if let Some(mapped) = map_kernel_btf(&file, meta.len()) {
+        return Ok(mapped);
+    }
     let mut data = Vec::with_capacity(meta.len() as usize);
     // sysfs files may report a size other than what they hold, so the read is bounded too.
     file.take(MAX_BTF_BYTES + 1)
@@ -172,7 +254,7 @@ pub fn read_file(path: &Path) -> Result<Vec<u8>> {
     if data.len() as u64 > MAX_BTF_BYTES {
         return Err(too_large());
     }
-    Ok(data)
+    Ok(Bytes::Read(data))
 }
 
 impl<'a> KernelBtf<'a> {
@@ -679,6 +761,30 @@ mod tests {
         let err = read_file(&big).unwrap_err().to_string();
         assert!(err.contains("is larger than 64 MiB"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The running kernel's version, from uname.
+    fn kernel_version() -> (u32, u32) {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        let mut parts = release.split(['.', '-']).map(|p| p.parse().unwrap_or(0));
+        (parts.next().unwrap(), parts.next().unwrap())
+    }
+
+    #[test]
+    fn the_kernels_btf_is_mapped_from_linux_6_16_and_other_files_are_read() {
+        let path = Path::new("/sys/kernel/btf/vmlinux");
+        let bytes = read_file(path).unwrap();
+        assert_eq!(
+            matches!(bytes, Bytes::Mapped { .. }),
+            kernel_version() >= (6, 16)
+        );
+        assert!(*bytes == *std::fs::read(path).unwrap());
+        let copy = std::env::temp_dir().join(format!("tcprtt-btf-map-{}", std::process::id()));
+        std::fs::write(&copy, &*bytes).unwrap();
+        let read = read_file(&copy).unwrap();
+        std::fs::remove_file(&copy).unwrap();
+        assert!(matches!(read, Bytes::Read(_)));
+        assert!(*read == *bytes);
     }
 
     fn sample_blob() -> Vec<u8> {

@@ -2,6 +2,7 @@
 //! they measured as report rows.
 
 pub mod double_buffer;
+mod loader;
 pub mod srtt;
 pub mod wire;
 

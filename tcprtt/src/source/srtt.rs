@@ -3,20 +3,21 @@
 
 use std::{
     fmt::Write as _,
-    os::fd::{AsFd, AsRawFd},
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
     path::PathBuf,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
-    Btf, Ebpf, EbpfLoader,
+    Btf, Ebpf,
     maps::{MapData, PerCpuArray},
     programs::{BtfTracePoint, FEntry, Program, ProgramError},
 };
+use aya_obj::generated::{bpf_attach_type, bpf_attr, bpf_cmd, bpf_prog_type};
 use tcprtt_common::{ProbeConfig, filter, stat};
 
-use super::{Source, Taken, double_buffer::DoubleBuffer, load_with_filters};
+use super::{Source, Taken, double_buffer::DoubleBuffer, load_with_filters, loader};
 use crate::{
     btf::{self, KernelBtf},
     cli::{Attach, Options},
@@ -39,6 +40,9 @@ struct Hook {
     target_id: fn(&KernelBtf) -> Option<u32>,
     /// A BTF naming the target at that id, for aya to resolve it in.
     stand_in: fn(u32) -> Result<Btf>,
+    /// Whether the kernel accepts any program at the target's id, asked before a stand-in
+    /// too costly to build for nothing.
+    precheck: Option<fn(u32) -> Result<(), Refusal>>,
     load_and_attach: fn(&mut Program, &Btf) -> Result<(), ProgramError>,
 }
 
@@ -60,6 +64,52 @@ fn tp_btf(prog: &mut Program, btf: &Btf) -> Result<(), ProgramError> {
     p.attach().map(drop)
 }
 
+/// Whether the kernel loads an fentry program at BTF id `id`: the smallest one (`r0 = 0;
+/// exit`), loaded and closed. aya's load needs a stand-in BTF with an entry for every
+/// kernel type up to the target, several MiB and milliseconds for fentry's, all wasted on
+/// a kernel that refuses fentry outright (EPERM on the development machines).
+fn fentry_allowed(id: u32) -> Result<(), Refusal> {
+    // `r0 = 0` (BPF_ALU64 | BPF_MOV | BPF_K) and `exit` (BPF_JMP | BPF_EXIT), registers 0.
+    let insns: [[u8; 8]; 2] = [[0xb7, 0, 0, 0, 0, 0, 0, 0], [0x95, 0, 0, 0, 0, 0, 0, 0]];
+    let mut log = [0u8; 1024];
+    // SAFETY: bpf_attr is plain data, for which all zeroes is the kernel's "unset".
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    // SAFETY: the BPF_PROG_LOAD member of the union; the pointers outlive the call.
+    let load = unsafe { &mut attr.__bindgen_anon_3 };
+    load.prog_type = bpf_prog_type::BPF_PROG_TYPE_TRACING as u32;
+    load.expected_attach_type = bpf_attach_type::BPF_TRACE_FENTRY as u32;
+    load.attach_btf_id = id;
+    load.insns = insns.as_ptr() as u64;
+    load.insn_cnt = insns.len() as u32;
+    load.license = c"GPL".as_ptr() as u64;
+    load.log_level = 1;
+    load.log_buf = log.as_mut_ptr() as u64;
+    load.log_size = log.len() as u32;
+    // SAFETY: BPF_PROG_LOAD with a whole, initialised attr.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            bpf_cmd::BPF_PROG_LOAD as libc::c_long,
+            &raw mut attr,
+            size_of::<bpf_attr>(),
+        )
+    };
+    if let Ok(fd) = i32::try_from(fd)
+        && fd >= 0
+    {
+        // SAFETY: a new descriptor the kernel just returned, owned by nothing else.
+        drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    let said = log.split(|b| *b == 0).next().unwrap_or_default();
+    let log = String::from_utf8_lossy(said).trim().to_string();
+    Err(Refusal {
+        phrase: errno_text(&err),
+        log: (!log.is_empty()).then_some(log),
+    })
+}
+
 /// fentry first (the design's hook), then tp_btf/tcp_probe, which the kernel fires as the
 /// first statement of `tcp_rcv_established()` with the same `(sk, skb)` arguments.
 const HOOKS: [Hook; 2] = [
@@ -71,6 +121,7 @@ const HOOKS: [Hook; 2] = [
         hint: ": try --attach tp-btf",
         target_id: |kernel| kernel.func_id(FENTRY_TARGET),
         stand_in: |id| Ok(btf::func_stand_in(FENTRY_TARGET, id)),
+        precheck: Some(fentry_allowed),
         load_and_attach: fentry,
     },
     Hook {
@@ -81,6 +132,7 @@ const HOOKS: [Hook; 2] = [
         hint: "",
         target_id: |kernel| kernel.typedef_id(TP_BTF_TYPEDEF),
         stand_in: |id| btf::typedef_stand_in(TP_BTF_TYPEDEF, id),
+        precheck: None,
         load_and_attach: tp_btf,
     },
 ];
@@ -208,8 +260,10 @@ struct Counters {
 struct StartUp {
     /// Reading and indexing the kernel's BTF, and the offsets and target ids from it.
     btf: Duration,
-    /// aya's loader: its own parse of the kernel's BTF, then the object, maps and filters.
+    /// aya's loader: the object, maps and filters, and its own parse of the kernel's BTF
+    /// unless `kernel_btf` says it was kept from it.
     loader: Duration,
+    kernel_btf: loader::KernelBtf,
     /// The hooks tried, each with its stand-in BTF, until one attached.
     attach: Duration,
 }
@@ -218,10 +272,11 @@ impl StartUp {
     fn describe(&self) -> String {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         format!(
-            "start-up {:.1} ms: kernel BTF {:.1} ms, aya's loader {:.1} ms, attach {:.1} ms",
+            "start-up {:.1} ms: kernel BTF {:.1} ms, aya's loader {:.1} ms ({}), attach {:.1} ms",
             ms(self.btf + self.loader + self.attach),
             ms(self.btf),
             ms(self.loader),
+            self.kernel_btf.describe(),
             ms(self.attach)
         )
     }
@@ -263,12 +318,11 @@ impl Srtt {
         let btf_read = began.elapsed();
         let config = probe_config(opts, offsets);
         // The object has no CO-RE relocations (the offsets travel in CONFIG), so the
-        // loader needs no kernel BTF; aya 0.14's `EbpfLoader::new()` parses it anyway,
-        // and `.btf(None)` at least frees that parse before the object loads.
+        // loader needs no kernel BTF: `loader::new` keeps aya 0.14's `EbpfLoader::new()`
+        // from parsing it where it can, and `.btf(None)` frees the parse where it cannot.
+        let (mut loader, kernel_btf) = loader::new();
         let mut ebpf = load_with_filters(
-            EbpfLoader::new()
-                .btf(None)
-                .override_global("CONFIG", &config, true),
+            loader.btf(None).override_global("CONFIG", &config, true),
             opts,
             object,
         )?;
@@ -281,6 +335,7 @@ impl Srtt {
         let startup = StartUp {
             btf: btf_read,
             loader: loaded - btf_read,
+            kernel_btf,
             attach: began.elapsed() - loaded,
         };
         let fd = ebpf
@@ -353,6 +408,12 @@ fn attach(
         .zip(target_ids)
         .filter(|(h, _)| opts.attach == Attach::Auto || opts.attach == h.choice)
     {
+        if let (Some(id), Some(precheck)) = (target_id, hook.precheck)
+            && let Err(why) = precheck(id)
+        {
+            refusals.push((hook, why));
+            continue;
+        }
         // Without its target the load fails naming it, which is the refusal to report.
         let btf = match target_id {
             Some(id) => (hook.stand_in)(id)?,

@@ -24,7 +24,7 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf,
     maps::{HashMap, MapData, PerCpuArray},
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttachType,
@@ -38,7 +38,8 @@ use tcprtt_common::{
 };
 
 use super::{
-    Source, Taken, double_buffer::DoubleBuffer, load_with_filters, srtt::probe_config, take_map,
+    Source, Taken, double_buffer::DoubleBuffer, load_with_filters, loader, srtt::probe_config,
+    take_map,
 };
 use crate::{
     cli::{Attach, Options},
@@ -459,8 +460,12 @@ impl Wire {
         let wire_config = WireConfig {
             max_age_ns: u64::try_from(opts.max_rtt.as_nanos()).unwrap_or(u64::MAX),
         };
+        // No CO-RE relocations here either: the loader is better without the kernel's BTF
+        // (see `loader`), and `.btf(None)` frees aya's parse of it where it could not be.
+        let (mut loader, _) = loader::new();
         let mut ebpf = load_with_filters(
-            EbpfLoader::new()
+            loader
+                .btf(None)
                 .override_global("CONFIG", &config, true)
                 .override_global("WIRE_CONFIG", &wire_config, true)
                 .map_max_entries("WIRE_FLOWS", FLOW_ENTRIES)

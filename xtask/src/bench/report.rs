@@ -305,9 +305,13 @@ fn lifecycle(md: &mut String, lifecycle: &[(Tool, Lifecycle)], missed: &mut Vec<
          reading and indexing the kernel's BTF, with the socket offsets and attach targets \
          from it, {} ms; aya's loader {} ms; trying the hooks with a stand-in BTF each and \
          attaching, {} ms. aya 0.14's `EbpfLoader::new()` parses the whole kernel BTF into \
-         its own types whatever the program needs (tcprtt's object has no CO-RE \
-         relocations); no loader of that aya can be made without it, and it is the largest \
-         part of both the time and the peak memory.",
+         its own types whatever the program needs; tcprtt's object has no CO-RE relocations, \
+         so tcprtt makes that loader in a thread of its own that cannot read \
+         /sys/kernel/btf/vmlinux (Landlock, or a chroot of that thread alone), and aya's \
+         loader parses nothing. Trying a hook needs an aya `Btf` that holds its target at the \
+         kernel's id, one entry for every type before it: for fentry/tcp_rcv_established \
+         that is most of the kernel's types, so tcprtt first loads the smallest fentry \
+         program there and builds that stand-in only if the kernel accepts it.",
         phase(0).show(1),
         phase(1).show(1),
         phase(2).show(1),
@@ -315,8 +319,9 @@ fn lifecycle(md: &mut String, lifecycle: &[(Tool, Lifecycle)], missed: &mut Vec<
 }
 
 /// Why start-up and peak RSS stay above the C tool's, from the start-up phases above.
-const AYA_TIME_WHY: &str = " The largest part is aya's loader, which parses the kernel's \
-     whole BTF before it looks at the object (see the start-up phases above).";
-const AYA_RSS_WHY: &str = " The peak is reached inside aya's loader, during its parse of \
-     the kernel's whole BTF; what was parsed is handed back to the kernel once attached (RSS \
-     while tracing).";
+const AYA_TIME_WHY: &str = " The largest parts are reading the kernel's BTF and attaching, \
+     with a stand-in BTF as long as the kernel's list of types up to the hook's target (see \
+     the start-up phases above).";
+const AYA_RSS_WHY: &str = " The peak is reached while attaching, with a stand-in BTF that \
+     holds an entry for every kernel type up to the hook's target; it is handed back to the \
+     kernel once attached (RSS while tracing).";
