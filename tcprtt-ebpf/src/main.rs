@@ -433,8 +433,7 @@ fn histogram_of<V>(
 /// Inserts an empty log2 histogram (small enough for the stack).
 #[inline(always)]
 fn new_log2(hist: &HashMap<HistKey, Log2Value>, key: &HistKey) -> Inserted {
-    let empty = Log2Value::ZERO;
-    hist.insert(key, &empty, u64::from(BPF_NOEXIST))
+    hist.insert(key, Log2Value::ZERO, u64::from(BPF_NOEXIST))
 }
 
 /// Inserts an empty fine histogram, copied from `NEW_HIST`: the 808-byte value does not
@@ -443,7 +442,8 @@ fn new_log2(hist: &HashMap<HistKey, Log2Value>, key: &HistKey) -> Inserted {
 fn new_fine(hist: &HashMap<HistKey, HistValue>, key: &HistKey) -> Inserted {
     let new = NEW_HIST.get_ptr(0).ok_or(E2BIG)?;
     // SAFETY: `new` points at a live map value of the right type.
-    hist.insert(key, unsafe { &*new }, u64::from(BPF_NOEXIST))
+    let new: &HistValue = unsafe { &*new };
+    hist.insert(key, new, u64::from(BPF_NOEXIST))
 }
 
 /// The fine bucket of `value`, bounded where the verifier can see it.
@@ -584,8 +584,8 @@ fn add_log2_hot(
     let words = key_words(key);
     // SAFETY: the hot key's storage viewed as its words, written in place.
     let hot_words = unsafe { &mut *(&raw mut hot.key).cast::<[u32; KEY_WORDS]>() };
-    for i in 0..KEY_WORDS {
-        hot_words[i] = words[i];
+    for (to, from) in hot_words.iter_mut().zip(words) {
+        *to = from;
     }
     hot.held = 1;
     Ok(())
@@ -597,7 +597,8 @@ fn add_log2_hot(
 /// should it be missing, its samples count as dropped.
 #[inline(always)]
 fn move_to_map(hot: &mut HotKey, hist: &HashMap<HistKey, Log2Value>) {
-    let Some(shared) = hist.get_ptr_mut(&hot.key) else {
+    let key = hot.key;
+    let Some(shared) = hist.get_ptr_mut(key) else {
         let held: u32 = hot.value.slots.iter().sum();
         add_to_stat(stat::DROPPED, u64::from(held));
         hot.value.slots = [0; LOG2_SLOTS];

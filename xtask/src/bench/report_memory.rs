@@ -108,7 +108,12 @@ pub fn memory(md: &mut String, keys: &[(Tool, KeyCost)], missed: &mut Vec<String
             "tcprtt's maps of {DEFAULT_MAX_KEYS} or more keys: {}; the C design's: {}",
             key_maps(keys, Tool::Tcprtt),
             key_maps(keys, Tool::C)
-        );
+        ) + ". The difference, by the same accounting: tcprtt keeps two maps so that \
+             intervals are exact, and the one just drained, empty, still holds its bucket \
+             array (16 bytes for each of the power of two of buckets at or above \
+             `--max-keys`); each element of a map that allocates per key carries an \
+             8-byte free-list link a preallocated one does not; and tcprtt's key is 4 bytes \
+             longer (the wire source's interface index), 8 once rounded";
         for ((cpus, o), t) in [possible, 16, 128].iter().zip(ours).zip(theirs) {
             if o > t {
                 missed.push(format!(
