@@ -331,6 +331,44 @@ impl HotKey {
     };
 }
 
+/// Fine buckets a [`HotFine`] copy holds samples of at once.
+pub const HOT_BUCKETS: usize = 4;
+
+/// A CPU's hot key in the fine maps, as [`HotKey`] is in the log2 maps. A key's round
+/// trips seldom spread far within a streak of its segments, so the copy holds the counts of
+/// a few fine buckets (not all 193, which moving would have to walk), and moves them into
+/// the shared map also when a sample needs a fifth.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HotFine {
+    /// The key the samples below belong to.
+    pub key: HistKey,
+    /// 1 while `key` is set (userspace empties a drained copy to 0).
+    pub held: u32,
+    /// Sum of the samples held.
+    pub sum: u64,
+    /// Smallest sample held (`u64::MAX` while none is).
+    pub min: u64,
+    /// Largest sample held.
+    pub max: u64,
+    /// Fine bucket index plus one of each pair below; 0 for a free pair.
+    pub buckets: [u32; HOT_BUCKETS],
+    /// Samples held in that bucket.
+    pub counts: [u32; HOT_BUCKETS],
+}
+
+impl HotFine {
+    pub const ZERO: Self = Self {
+        key: HotKey::ZERO.key,
+        held: 0,
+        sum: 0,
+        min: 0,
+        max: 0,
+        buckets: [0; HOT_BUCKETS],
+        counts: [0; HOT_BUCKETS],
+    };
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: repr(C), padding-free and valid for any bit pattern.
@@ -343,6 +381,8 @@ mod user {
     unsafe impl aya::Pod for super::Log2Value {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::HotKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::HotFine {}
 }
 
 #[cfg(test)]
@@ -406,6 +446,10 @@ mod tests {
         assert_eq!(
             size_of::<HotKey>(),
             size_of::<HistKey>() + 4 + size_of::<Log2Value>()
+        );
+        assert_eq!(
+            size_of::<HotFine>(),
+            size_of::<HistKey>() + 4 + 3 * 8 + 2 * 4 * HOT_BUCKETS
         );
     }
 }

@@ -26,8 +26,8 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, FEntryContext},
 };
 use tcprtt_common::{
-    AF_INET, AF_INET6, FILTER_KEY_LEN, HistKey, HistValue, HotKey, LOG2_SLOTS, Log2Value,
-    ProbeConfig, family, filter, fine_bucket, group, log2_slot, stat,
+    AF_INET, AF_INET6, FILTER_KEY_LEN, HOT_BUCKETS, HistKey, HistValue, HotFine, HotKey,
+    LOG2_SLOTS, Log2Value, ProbeConfig, family, filter, fine_bucket, group, log2_slot, stat,
 };
 
 /// `-E2BIG`: what inserting into a full hash map returns.
@@ -50,6 +50,12 @@ static CONFIG: Global<ProbeConfig> = Global::new(ProbeConfig::ZERO);
 static HIST0: HashMap<HistKey, HistValue> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
 #[map]
 static HIST1: HashMap<HistKey, HistValue> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
+/// Each CPU's hot key of `HIST0`/`HIST1` (see `HotFine`), drained with its map; only the
+/// srtt programs use them (see `add_sample`).
+#[map]
+static HOT0: PerCpuArray<HotFine> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static HOT1: PerCpuArray<HotFine> = PerCpuArray::with_max_entries(1, 0);
 /// The grouped maps when no output needs fine buckets, min or max (`CONFIG.log2_only`);
 /// userspace sizes the pair it does not use to one entry.
 #[map]
@@ -239,7 +245,7 @@ fn try_record(sk: *const u8) -> Result<(), Skip> {
     if cfg.group_by == group::NONE {
         return add_to_all(value);
     }
-    add_sample(&key, value)
+    add_sample(&key, value, true)
 }
 
 /// The socket's smoothed RTT in the unit asked for.
@@ -385,26 +391,27 @@ fn select(sk: *const u8, cfg: &ProbeConfig) -> Result<HistKey, Skip> {
     })
 }
 
-/// Adds a sample to the histogram of `key` in the active grouped map, creating it if new.
-/// Each map has a call site of its own so the kernel inlines its lookups.
+/// Adds a sample to the histogram of `key` in the active grouped map, creating it if new,
+/// through this CPU's hot key if `hot_copies`. Each map has a call site of its own so the
+/// kernel inlines its lookups.
+///
+/// Only the srtt programs use hot copies: the kernel never runs a tracing program on a CPU
+/// where it is already running, so a CPU's copy is never written twice at once. The wire
+/// programs are four, and on a kernel whose softirqs can be preempted one could run while
+/// another is halfway through an update.
 #[inline(always)]
-fn add_sample(key: &HistKey, value: u64) -> Result<(), Skip> {
+fn add_sample(key: &HistKey, value: u64, hot_copies: bool) -> Result<(), Skip> {
     let second = matches!(ACTIVE.get(0), Some(1));
-    if CONFIG.load().log2_only != 0 {
-        if second {
-            add_log2_hot(&LOG2_HOT1, &LOG2_HIST1, key, value)?;
-        } else {
-            add_log2_hot(&LOG2_HOT0, &LOG2_HIST0, key, value)?;
-        }
-    } else {
-        let slot = if second {
-            histogram_of(&HIST1, key, new_fine)?
-        } else {
-            histogram_of(&HIST0, key, new_fine)?
-        };
-        add_shared(slot, value);
+    match (CONFIG.load().log2_only != 0, hot_copies, second) {
+        (true, true, false) => add_log2_hot(&LOG2_HOT0, &LOG2_HIST0, key, value),
+        (true, true, true) => add_log2_hot(&LOG2_HOT1, &LOG2_HIST1, key, value),
+        (true, false, false) => add_log2(histogram_of(&LOG2_HIST0, key, new_log2)?, value),
+        (true, false, true) => add_log2(histogram_of(&LOG2_HIST1, key, new_log2)?, value),
+        (false, true, false) => add_fine_hot(&HOT0, &HIST0, key, value),
+        (false, true, true) => add_fine_hot(&HOT1, &HIST1, key, value),
+        (false, false, false) => add_shared(histogram_of(&HIST0, key, new_fine)?, value),
+        (false, false, true) => add_shared(histogram_of(&HIST1, key, new_fine)?, value),
     }
-    Ok(())
 }
 
 /// Result of a map insert, as the kernel returns it.
@@ -511,7 +518,7 @@ fn cas_extreme(p: *mut u64, value: u64, lower: bool) {
 /// left alone: it is the buckets' total, which userspace adds up, so every sample costs one
 /// atomic add fewer on a cache line all CPUs share.
 #[inline(always)]
-fn add_shared(hist: *mut HistValue, value: u64) {
+fn add_shared(hist: *mut HistValue, value: u64) -> Result<(), Skip> {
     // SAFETY: `hist` points at a live map value; every write to it is atomic.
     unsafe {
         if let Some(bucket) = (*hist).buckets.get_mut(bucket_of(value)) {
@@ -521,6 +528,139 @@ fn add_shared(hist: *mut HistValue, value: u64) {
         cas_extreme(&raw mut (*hist).min, value, true);
         cas_extreme(&raw mut (*hist).max, value, false);
     }
+    Ok(())
+}
+
+/// Adds a sample to a shared log2 histogram: two atomic adds.
+#[inline(always)]
+fn add_log2(hist: *mut Log2Value, value: u64) -> Result<(), Skip> {
+    let slot = log2_slot(value);
+    // Hides the bound from the compiler for the verifier's sake, as in `bucket_of`.
+    // SAFETY: a plain read of a local.
+    let slot = unsafe { core::ptr::read_volatile(&slot) };
+    // SAFETY: `hist` points at a live map value; every write to it is atomic.
+    unsafe {
+        if let Some(count) = (*hist).slots.get_mut(slot) {
+            atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(count, 1);
+        }
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*hist).sum, value);
+    }
+    Ok(())
+}
+
+/// Makes `key` the CPU's hot key, written word by word for the reason `same_key` gives.
+#[inline(always)]
+fn set_hot_key(hot_key: &mut HistKey, key: &HistKey) {
+    let words = key_words(key);
+    // SAFETY: the hot key's storage viewed as its words, written in place.
+    let hot_words = unsafe { &mut *(&raw mut *hot_key).cast::<[u32; KEY_WORDS]>() };
+    for (to, from) in hot_words.iter_mut().zip(words) {
+        *to = from;
+    }
+}
+
+/// Adds a sample to the fine histogram of `key` through this CPU's hot key (`HotFine`), as
+/// `add_log2_hot` does for log2 histograms; a sample whose bucket finds no pair of the copy
+/// free moves the copy's samples into the shared map first.
+#[inline(always)]
+fn add_fine_hot(
+    hot: &PerCpuArray<HotFine>,
+    hist: &HashMap<HistKey, HistValue>,
+    key: &HistKey,
+    value: u64,
+) -> Result<(), Skip> {
+    let hot = hot.get_ptr_mut(0).ok_or(Skip::Unreadable)?;
+    // SAFETY: this CPU's own copy of a per-CPU value (see `add_sample`).
+    let hot = unsafe { &mut *hot };
+    let bucket = bucket_of(value) as u32 + 1;
+    if hot.held != 0 && same_key(&hot.key, key) {
+        if !hold(hot, bucket, value) {
+            move_fine_to_map(hot, hist);
+            hold(hot, bucket, value);
+        }
+        return Ok(());
+    }
+    add_shared(histogram_of(hist, key, new_fine)?, value)?;
+    if hot.held != 0 {
+        move_fine_to_map(hot, hist);
+    }
+    set_hot_key(&mut hot.key, key);
+    hot.sum = 0;
+    hot.min = u64::MAX;
+    hot.max = 0;
+    hot.held = 1;
+    Ok(())
+}
+
+/// Adds a sample to a hot copy's pair for `bucket` (fine bucket index plus one), or to a
+/// free pair; false when every pair holds another bucket.
+#[inline(always)]
+fn hold(hot: &mut HotFine, bucket: u32, value: u64) -> bool {
+    let mut free = HOT_BUCKETS;
+    for i in 0..HOT_BUCKETS {
+        if hot.buckets[i] == bucket {
+            free = i;
+            break;
+        }
+        if hot.buckets[i] == 0 && free == HOT_BUCKETS {
+            free = i;
+        }
+    }
+    let (Some(held), Some(count)) = (hot.buckets.get_mut(free), hot.counts.get_mut(free)) else {
+        return false;
+    };
+    *held = bucket;
+    *count += 1;
+    hot.sum += value;
+    hot.min = hot.min.min(value);
+    hot.max = hot.max.max(value);
+    true
+}
+
+/// Moves a fine hot copy's samples into the shared map, as `move_to_map` does for log2
+/// copies, leaving the copy's pairs free.
+#[inline(always)]
+fn move_fine_to_map(hot: &mut HotFine, hist: &HashMap<HistKey, HistValue>) {
+    let key = hot.key;
+    let Some(shared) = hist.get_ptr_mut(key) else {
+        let lost: u32 = hot.counts.iter().sum();
+        add_to_stat(stat::DROPPED, u64::from(lost));
+        empty_fine(hot);
+        return;
+    };
+    for i in 0..HOT_BUCKETS {
+        let n = hot.counts[i];
+        let bucket = (hot.buckets[i] as usize).wrapping_sub(1);
+        // SAFETY: `shared` points at a live map value; every write to it is atomic.
+        unsafe {
+            if let Some(total) = (*shared).buckets.get_mut(bucket)
+                && n != 0
+            {
+                atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(total, n);
+            }
+        }
+    }
+    // SAFETY: as above.
+    unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*shared).sum, hot.sum);
+        if hot.min != u64::MAX {
+            cas_extreme(&raw mut (*shared).min, hot.min, true);
+            cas_extreme(&raw mut (*shared).max, hot.max, false);
+        }
+    }
+    empty_fine(hot);
+}
+
+/// Frees a fine hot copy's pairs and forgets its samples.
+#[inline(always)]
+fn empty_fine(hot: &mut HotFine) {
+    for i in 0..HOT_BUCKETS {
+        hot.buckets[i] = 0;
+        hot.counts[i] = 0;
+    }
+    hot.sum = 0;
+    hot.min = u64::MAX;
+    hot.max = 0;
 }
 
 /// A key as 32-bit words, the widest loads its 4-byte alignment allows on the stack.
@@ -555,8 +695,7 @@ fn add_log2_hot(
     value: u64,
 ) -> Result<(), Skip> {
     let hot = hot.get_ptr_mut(0).ok_or(Skip::Unreadable)?;
-    // SAFETY: this CPU's own copy of a per-CPU value, which nothing else writes meanwhile
-    // (see `add_to_all`).
+    // SAFETY: this CPU's own copy of a per-CPU value (see `add_sample`).
     let hot = unsafe { &mut *hot };
     let slot = log2_slot(value);
     // Hides the bound from the compiler for the verifier's sake, as in `bucket_of`.
@@ -569,24 +708,11 @@ fn add_log2_hot(
         hot.value.sum += value;
         return Ok(());
     }
-    let shared = histogram_of(hist, key, new_log2)?;
-    // SAFETY: `shared` points at a live map value; every write to it is atomic.
-    unsafe {
-        if let Some(count) = (*shared).slots.get_mut(slot) {
-            atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(count, 1);
-        }
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*shared).sum, value);
-    }
+    add_log2(histogram_of(hist, key, new_log2)?, value)?;
     if hot.held != 0 {
         move_to_map(hot, hist);
     }
-    // Word by word, for the reason `same_key` gives for `==`.
-    let words = key_words(key);
-    // SAFETY: the hot key's storage viewed as its words, written in place.
-    let hot_words = unsafe { &mut *(&raw mut hot.key).cast::<[u32; KEY_WORDS]>() };
-    for (to, from) in hot_words.iter_mut().zip(words) {
-        *to = from;
-    }
+    set_hot_key(&mut hot.key, key);
     hot.held = 1;
     Ok(())
 }

@@ -601,5 +601,5 @@ fn add(scratch: &mut Scratch, rtt_ns: u64, side: u16) {
             key.rport = flow.dport;
         }
     }
-    count_failure(add_sample(key, value));
+    count_failure(add_sample(key, value, false));
 }

@@ -183,19 +183,22 @@ fn by_raddr_gives_a_5ms_and_a_40ms_server_their_own_histograms_in_both_families(
 }
 
 /// Without `-e`, JSON or fine Prometheus buckets the kernel keeps only bcc's log2 rows and
-/// the sum per key (smaller maps), and each CPU adds the samples of the key it saw last to
-/// a copy of its own (no cache line shared between CPUs) until another key comes; with
-/// `-e` it keeps fine buckets, min and max in the shared map. Tracers of each kind on the
-/// same traffic, where a CPU sees one key many times in a row and also keys taking turns,
-/// print the same histograms, and short intervals add up to the same counts.
+/// the sum per key (smaller maps); with `-e` it keeps fine buckets, min and max. Either way
+/// each CPU adds the samples of the key it saw last to a copy of its own (no cache line
+/// shared between CPUs) until another key comes, or, with fine buckets, a sample needs a
+/// fifth bucket. Tracers of each kind on the same traffic, where a CPU sees one key many
+/// times in a row and also keys taking turns, print the same histograms, and short
+/// intervals of each kind add up to the same counts.
 #[test]
 fn log2_only_and_fine_histograms_print_the_same_rows() {
     let srv = EchoServer::on("127.4.1.7");
     let filter = ["-b", "-a", "127.4.1.7", "-a", "127.4.1.8"];
+    let with = |extra: &[&'static str]| [&filter[..], extra].concat();
     let log2 = Tracer::start(&filter);
-    let fine = Tracer::start(&[&filter[..], &["-e"]].concat());
-    // Ends well after the traffic and its delayed acknowledgements, before the others.
-    let intervals = Tracer::start(&[&filter[..], &["-i", "0.05", "-d", "2"]].concat());
+    let fine = Tracer::start(&with(&["-e"]));
+    // These end well after the traffic and its delayed acknowledgements, before the others.
+    let log2_parts = Tracer::start(&with(&["-i", "0.05", "-d", "2"]));
+    let fine_parts = Tracer::start(&with(&["-e", "-i", "0.05", "-d", "2"]));
     // Both ends of the first connection have the server's address, and so one key: a CPU
     // sees it again and again. The second's ends have a key each, taking turns.
     let mut conns: Vec<Conn> = ["127.4.1.7", "127.4.1.8"]
@@ -203,20 +206,18 @@ fn log2_only_and_fine_histograms_print_the_same_rows() {
         .map(|client| Conn::open(sock_addr(client, 0), srv.addr))
         .collect();
     round_trips_each(&mut conns, 20_000);
-    let intervals = intervals.wait();
+    let (log2_parts, fine_parts) = (log2_parts.wait(), fine_parts.wait());
     let (log2, fine) = (log2.stop_with(libc::SIGINT), fine.stop_with(libc::SIGINT));
 
-    let (log2, fine, intervals) = (
-        parse_histograms(&log2.stdout),
-        parse_histograms(&fine.stdout),
-        parse_histograms(&intervals.stdout),
-    );
+    let [log2, fine, log2_parts, fine_parts] =
+        [log2, fine, log2_parts, fine_parts].map(|out| parse_histograms(&out.stdout));
     let labels: Vec<&str> = log2.iter().map(|h| h.label.as_str()).collect();
     assert_eq!(
         labels,
         ["Local Address = 127.4.1.7", "Local Address = 127.4.1.8"],
         "{log2:?}"
     );
+    assert_eq!(fine.len(), log2.len());
     for (l, f) in log2.iter().zip(&fine) {
         assert!(l.count() >= 20_000, "{l:?}");
         assert_eq!((&l.label, l.avg, &l.rows), (&f.label, f.avg, &f.rows));
@@ -228,18 +229,19 @@ fn log2_only_and_fine_histograms_print_the_same_rows() {
                 .is_some_and(|(min, max)| min as f64 <= f.avg && f.avg <= max as f64),
             "{f:?}"
         );
-        let parts: Vec<u64> = intervals
-            .iter()
-            .filter(|i| i.label == l.label)
-            .map(|i| i.count())
-            .collect();
-        assert!(parts.len() >= 2, "{parts:?}");
-        assert_eq!(
-            parts.iter().sum::<u64>(),
-            l.count(),
-            "{}: {parts:?}",
-            l.label
-        );
+        for parts in [&log2_parts, &fine_parts] {
+            let counts: Vec<u64> = parts
+                .iter()
+                .filter(|i| i.label == l.label)
+                .map(|i| i.count())
+                .collect();
+            assert!(counts.len() >= 2, "{counts:?}");
+            assert_eq!(
+                counts.iter().sum::<u64>(),
+                l.count(),
+                "{}: {counts:?}",
+                l.label
+            );
+        }
     }
-    assert_eq!(fine.len(), log2.len());
 }

@@ -14,7 +14,7 @@ use aya::{
 };
 use std::collections::HashMap as StdHashMap;
 
-use tcprtt_common::{HistKey, HistValue, HotKey, Log2Value};
+use tcprtt_common::{FINE_BUCKETS, HistKey, HistValue, HotFine, HotKey, Log2Value};
 
 use super::take_map;
 use crate::{
@@ -50,22 +50,48 @@ impl GracePeriod {
 }
 
 /// The pair of grouped maps the program was configured to write.
+/// With each map, the CPUs' hot keys that go with it (see `HotFine`, `HotKey`).
 enum Grouped {
-    Fine([HashMap<MapData, HistKey, HistValue>; 2]),
-    /// With each map, the CPUs' hot keys that go with it (see `HotKey`).
+    Fine {
+        maps: [HashMap<MapData, HistKey, HistValue>; 2],
+        hot: Box<[PerCpuArray<MapData, HotFine>; 2]>,
+    },
     Log2 {
         maps: [HashMap<MapData, HistKey, Log2Value>; 2],
         hot: Box<[PerCpuArray<MapData, HotKey>; 2]>,
     },
 }
 
-/// Adds the samples CPUs held for their hot keys to the histograms drained from the map.
-fn add_held<'a>(taken: &mut Vec<(HistKey, Histogram)>, hot: impl IntoIterator<Item = &'a HotKey>) {
+/// The samples a CPU holds for its hot key in the fine maps, as a histogram.
+fn held_fine(hot: &HotFine) -> Histogram {
+    let mut value = HistValue {
+        count: hot.counts.iter().map(|n| u64::from(*n)).sum(),
+        sum: hot.sum,
+        min: hot.min,
+        max: hot.max,
+        ..HistValue::ZERO
+    };
+    for (&bucket, &n) in hot.buckets.iter().zip(&hot.counts) {
+        if let Some(total) = (bucket as usize)
+            .checked_sub(1)
+            .filter(|b| *b < FINE_BUCKETS)
+            .map(|b| &mut value.buckets[b])
+        {
+            *total += n;
+        }
+    }
+    Histogram::merge([&value])
+}
+
+/// Adds the samples CPUs held for their hot keys (`(key, samples)` of each copy in use) to
+/// the histograms drained from the map.
+fn add_held(
+    taken: &mut Vec<(HistKey, Histogram)>,
+    hot: impl IntoIterator<Item = (HistKey, Histogram)>,
+) {
     let mut held: StdHashMap<HistKey, Histogram> = StdHashMap::new();
-    for h in hot.into_iter().filter(|h| h.held != 0) {
-        held.entry(h.key)
-            .or_default()
-            .absorb(&Histogram::from_log2(&h.value));
+    for (key, hist) in hot {
+        held.entry(key).or_default().absorb(&hist);
     }
     held.retain(|_, hist| hist.count > 0);
     for (key, hist) in taken.iter_mut() {
@@ -76,6 +102,20 @@ fn add_held<'a>(taken: &mut Vec<(HistKey, Histogram)>, hot: impl IntoIterator<It
     let mut rest: Vec<_> = held.into_iter().collect();
     rest.sort_by_key(|(key, _)| *key);
     taken.extend(rest);
+}
+
+/// Reads the CPUs' hot copies of `hot`, hands those in use to `add`, and empties them.
+fn take_hot<V: Pod>(
+    hot: &mut PerCpuArray<MapData, V>,
+    empty: V,
+    in_use: impl Fn(&V) -> Option<(HistKey, Histogram)>,
+    taken: &mut Vec<(HistKey, Histogram)>,
+) -> Result<()> {
+    let shares = hot.get(&0, 0).context("reading the CPUs' hot keys")?;
+    add_held(taken, shares.iter().filter_map(in_use));
+    let empties = vec![empty; shares.len()];
+    hot.set(0, PerCpuValues::try_from(empties)?, 0)
+        .context("emptying the CPUs' hot keys")
 }
 
 /// Reads every histogram of `map` and empties it.
@@ -111,8 +151,8 @@ pub struct DoubleBuffer {
 }
 
 impl DoubleBuffer {
-    /// Takes the maps named `{prefix}HIST0/1` (`{prefix}LOG2_HIST0/1` and
-    /// `{prefix}LOG2_HOT0/1` if `log2_only`, as the program's configuration says), `{prefix}ALL0/1` and `{prefix}ACTIVE`, and writes
+    /// Takes the maps named `{prefix}HIST0/1` and `{prefix}HOT0/1` (`{prefix}LOG2_HIST0/1`
+    /// and `{prefix}LOG2_HOT0/1` if `log2_only`, as the program's configuration says), `{prefix}ALL0/1` and `{prefix}ACTIVE`, and writes
     /// the value new keys start from into `{prefix}NEW_HIST`.
     pub fn new(ebpf: &mut Ebpf, prefix: &str, log2_only: bool) -> Result<Self> {
         let take = |name: &str| format!("{prefix}{name}");
@@ -136,10 +176,16 @@ impl DoubleBuffer {
                 ]),
             }
         } else {
-            Grouped::Fine([
-                take_map(ebpf, &take("HIST0"))?,
-                take_map(ebpf, &take("HIST1"))?,
-            ])
+            Grouped::Fine {
+                maps: [
+                    take_map(ebpf, &take("HIST0"))?,
+                    take_map(ebpf, &take("HIST1"))?,
+                ],
+                hot: Box::new([
+                    take_map(ebpf, &take("HOT0"))?,
+                    take_map(ebpf, &take("HOT1"))?,
+                ]),
+            }
         };
         Ok(Self {
             grouped,
@@ -173,23 +219,31 @@ impl DoubleBuffer {
 
         let mut taken = Vec::new();
         match &mut self.grouped {
-            Grouped::Fine(maps) => drain(
-                &mut maps[old],
-                |value| {
-                    // The program leaves `count` to userspace in shared histograms.
-                    let count = value.buckets.iter().map(|n| u64::from(*n)).sum();
-                    Histogram::merge([&HistValue { count, ..*value }])
-                },
-                &mut taken,
-            )?,
+            Grouped::Fine { maps, hot } => {
+                drain(
+                    &mut maps[old],
+                    |value| {
+                        // The program leaves `count` to userspace in shared histograms.
+                        let count = value.buckets.iter().map(|n| u64::from(*n)).sum();
+                        Histogram::merge([&HistValue { count, ..*value }])
+                    },
+                    &mut taken,
+                )?;
+                take_hot(
+                    &mut hot[old],
+                    HotFine::ZERO,
+                    |h| (h.held != 0).then(|| (h.key, held_fine(h))),
+                    &mut taken,
+                )?;
+            }
             Grouped::Log2 { maps, hot } => {
                 drain(&mut maps[old], Histogram::from_log2, &mut taken)?;
-                let hot = &mut hot[old];
-                let shares = hot.get(&0, 0).context("reading the CPUs' hot keys")?;
-                add_held(&mut taken, shares.iter());
-                let empty = vec![HotKey::ZERO; shares.len()];
-                hot.set(0, PerCpuValues::try_from(empty)?, 0)
-                    .context("emptying the CPUs' hot keys")?;
+                take_hot(
+                    &mut hot[old],
+                    HotKey::ZERO,
+                    |h| (h.held != 0).then(|| (h.key, Histogram::from_log2(&h.value))),
+                    &mut taken,
+                )?;
             }
         }
 
@@ -250,8 +304,8 @@ mod tests {
 
     #[test]
     fn held_samples_join_their_key_or_make_a_row_and_empty_copies_add_nothing() {
-        let in_map = |n: u32, sum| Histogram::from_log2(&hot(1, 3, n, sum).value);
-        let mut taken = vec![(key(1), in_map(5, 50))];
+        let log2 = |h: &HotKey| (h.held != 0).then(|| (h.key, Histogram::from_log2(&h.value)));
+        let mut taken = vec![(key(1), Histogram::from_log2(&hot(1, 3, 5, 50).value))];
         let cpus = [
             hot(1, 3, 2, 20),
             hot(2, 4, 1, 17),
@@ -262,7 +316,7 @@ mod tests {
             },
             hot(1, 5, 1, 40),
         ];
-        add_held(&mut taken, &cpus);
+        add_held(&mut taken, cpus.iter().filter_map(log2));
         assert_eq!(taken.len(), 2);
         let (k, h) = &taken[0];
         assert_eq!(
@@ -271,5 +325,30 @@ mod tests {
         );
         let (k, h) = &taken[1];
         assert_eq!((*k, h.count, h.sum, h.slots[4]), (key(2), 1, 17, 1));
+    }
+
+    #[test]
+    fn a_fine_hot_copy_is_the_histogram_of_its_samples() {
+        let samples = [40, 41, 47, 300, 40];
+        let mut copy = HotFine {
+            key: key(7),
+            held: 1,
+            min: u64::MAX,
+            ..HotFine::ZERO
+        };
+        for s in samples {
+            let b = tcprtt_common::fine_bucket(s) as u32 + 1;
+            let i = copy
+                .buckets
+                .iter()
+                .position(|x| *x == b || *x == 0)
+                .unwrap();
+            copy.buckets[i] = b;
+            copy.counts[i] += 1;
+            copy.sum += s;
+            copy.min = copy.min.min(s);
+            copy.max = copy.max.max(s);
+        }
+        assert_eq!(held_fine(&copy), Histogram::from_samples(samples));
     }
 }
