@@ -10,7 +10,7 @@ use std::{
 };
 
 use tcprtt_tests::kit::{
-    EchoServer, Finished, Tracer, bin, parse_histograms, ping_pong, sock_addr,
+    EchoServer, Finished, Tracer, as_nobody, bin, parse_histograms, ping_pong, sock_addr,
 };
 
 const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -88,22 +88,6 @@ fn without_landlock(command: &mut Command) {
             }
         });
     }
-}
-
-/// tcprtt with `args` as nobody with only CAP_BPF and CAP_PERFMON (as README allows).
-fn as_nobody(args: &[&str]) -> Command {
-    let mut command = Command::new("setpriv");
-    command
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=+bpf,+perfmon",
-            "--ambient-caps=+bpf,+perfmon",
-        ])
-        .arg(bin())
-        .args(args);
-    command
 }
 
 /// tcprtt with `args`, as this (root) process.
@@ -188,7 +172,7 @@ fn root_without_landlock_confines_the_loader_thread_with_a_chroot_of_its_own() {
 
 #[test]
 fn a_user_with_only_bpf_and_perfmon_keeps_it_out_with_landlock_or_lets_aya_parse_it() {
-    let line = trace(as_nobody(&verbose_on("127.14.3.1")), 3);
+    let line = trace(as_nobody("+bpf,+perfmon", &verbose_on("127.14.3.1")), 3);
     let way = if kernel_has_landlock() {
         LANDLOCK
     } else {
@@ -198,7 +182,7 @@ fn a_user_with_only_bpf_and_perfmon_keeps_it_out_with_landlock_or_lets_aya_parse
 
     // Without Landlock such a user may not chroot either: aya parses the BTF, and
     // tcprtt still traces.
-    let mut command = as_nobody(&verbose_on("127.14.4.1"));
+    let mut command = as_nobody("+bpf,+perfmon", &verbose_on("127.14.4.1"));
     without_landlock(&mut command);
     let line = trace(command, 4);
     assert!(line.contains(PARSED), "{line}");

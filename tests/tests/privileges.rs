@@ -6,29 +6,9 @@ use std::{process::Command, time::Duration};
 
 use serde_json::Value;
 use tcprtt_tests::kit::{
-    EchoServer, Finished, Tracer, bin, labels, parse_histograms, ping_pong, run_within, sock_addr,
+    EchoServer, Finished, Tracer, as_nobody, bin, labels, parse_histograms, ping_pong, run_within,
+    sock_addr,
 };
-
-/// A command running tcprtt `args` as nobody, with no groups and with `caps` (setpriv
-/// syntax, e.g. "+bpf,+perfmon" or "-all") inheritable and ambient: the capabilities
-/// tcprtt then has.
-fn as_nobody(caps: &str, args: &[&str]) -> Command {
-    let mut command = Command::new("setpriv");
-    command
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            &format!("--inh-caps={caps}"),
-        ])
-        .args(
-            caps.starts_with('+')
-                .then(|| format!("--ambient-caps={caps}")),
-        )
-        .arg(bin())
-        .args(args);
-    command
-}
 
 const BPF_AND_PERFMON: &str = "+bpf,+perfmon";
 

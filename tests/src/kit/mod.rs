@@ -16,7 +16,7 @@ pub use echo::EchoServer;
 pub use kernel::{Loaded, new_orphans, orphans};
 pub use output::{Printed, labels, parse_histograms};
 pub use tracer::{
-    Finished, Tracer, assert_one_line_error, bin, no_ebpf_bin, run, run_command, run_within,
-    try_run_within, wait_for,
+    Finished, Tracer, as_nobody, assert_one_line_error, bin, no_ebpf_bin, run, run_command,
+    run_within, try_run_within, wait_for,
 };
 pub use traffic::{Conn, Load, ip, ping_pong, ping_pong_parallel, round_trips_each, sock_addr};

@@ -45,6 +45,27 @@ pub fn bin() -> PathBuf {
     )
 }
 
+/// A command running tcprtt `args` as nobody (65534), with no groups and with `caps`
+/// (setpriv syntax, e.g. "+bpf,+perfmon" or "-all") inheritable and ambient: the
+/// capabilities tcprtt then has.
+pub fn as_nobody(caps: &str, args: &[&str]) -> Command {
+    let mut command = Command::new("setpriv");
+    command
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            &format!("--inh-caps={caps}"),
+        ])
+        .args(
+            caps.starts_with('+')
+                .then(|| format!("--ambient-caps={caps}")),
+        )
+        .arg(bin())
+        .args(args);
+    command
+}
+
 /// A tcprtt built with AYA_BUILD_SKIP=1, without its eBPF program: `$TCPRTT_NO_EBPF_BIN`,
 /// else where `cargo xtask test` leaves it.
 pub fn no_ebpf_bin() -> PathBuf {
