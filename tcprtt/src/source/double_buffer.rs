@@ -49,8 +49,8 @@ impl GracePeriod {
     }
 }
 
-/// The pair of grouped maps the program was configured to write.
-/// With each map, the CPUs' hot keys that go with it (see `HotFine`, `HotKey`).
+/// The pair of grouped maps the program was configured to write, each with the CPUs' hot
+/// keys that go with it (see `HotFine`, `HotKey`).
 enum Grouped {
     Fine {
         maps: [HashMap<MapData, HistKey, HistValue>; 2],
@@ -104,7 +104,8 @@ fn add_held(
     taken.extend(rest);
 }
 
-/// Reads the CPUs' hot copies of `hot`, hands those in use to `add`, and empties them.
+/// Reads the CPUs' hot copies in `hot`, adds the samples of those `in_use` says hold a
+/// key to `taken`, and empties them all.
 fn take_hot<V: Pod>(
     hot: &mut PerCpuArray<MapData, V>,
     empty: V,
