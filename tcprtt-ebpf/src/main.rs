@@ -464,6 +464,14 @@ fn bucket_of(value: u64) -> usize {
     unsafe { core::ptr::read_volatile(&bucket) }
 }
 
+/// The log2 slot of `value`, bounded where the verifier can see it (see `bucket_of`).
+#[inline(always)]
+fn slot_of(value: u64) -> usize {
+    let slot = log2_slot(value);
+    // SAFETY: a plain read of a local.
+    unsafe { core::ptr::read_volatile(&slot) }
+}
+
 /// Adds a sample to this CPU's own copy of a per-CPU histogram: plain adds.
 #[inline(always)]
 fn add_to(hist: &mut HistValue, value: u64) {
@@ -534,13 +542,9 @@ fn add_shared(hist: *mut HistValue, value: u64) -> Result<(), Skip> {
 /// Adds a sample to a shared log2 histogram: two atomic adds.
 #[inline(always)]
 fn add_log2(hist: *mut Log2Value, value: u64) -> Result<(), Skip> {
-    let slot = log2_slot(value);
-    // Hides the bound from the compiler for the verifier's sake, as in `bucket_of`.
-    // SAFETY: a plain read of a local.
-    let slot = unsafe { core::ptr::read_volatile(&slot) };
     // SAFETY: `hist` points at a live map value; every write to it is atomic.
     unsafe {
-        if let Some(count) = (*hist).slots.get_mut(slot) {
+        if let Some(count) = (*hist).slots.get_mut(slot_of(value)) {
             atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(count, 1);
         }
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*hist).sum, value);
@@ -572,8 +576,8 @@ fn add_fine_hot(
     let hot = hot.get_ptr_mut(0).ok_or(Skip::Unreadable)?;
     // SAFETY: this CPU's own copy of a per-CPU value (see `add_sample`).
     let hot = unsafe { &mut *hot };
-    let bucket = bucket_of(value) as u32 + 1;
     if hot.held != 0 && same_key(&hot.key, key) {
+        let bucket = bucket_of(value) as u32 + 1;
         if !hold(hot, bucket, value) {
             move_fine_to_map(hot, hist);
             hold(hot, bucket, value);
@@ -581,13 +585,14 @@ fn add_fine_hot(
         return Ok(());
     }
     add_shared(histogram_of(hist, key, new_fine)?, value)?;
+    // Either leaves the copy empty: a copy not held may be as userspace emptied it, with
+    // min 0.
     if hot.held != 0 {
         move_fine_to_map(hot, hist);
+    } else {
+        empty_fine(hot);
     }
     set_hot_key(&mut hot.key, key);
-    hot.sum = 0;
-    hot.min = u64::MAX;
-    hot.max = 0;
     hot.held = 1;
     Ok(())
 }
@@ -697,12 +702,8 @@ fn add_log2_hot(
     let hot = hot.get_ptr_mut(0).ok_or(Skip::Unreadable)?;
     // SAFETY: this CPU's own copy of a per-CPU value (see `add_sample`).
     let hot = unsafe { &mut *hot };
-    let slot = log2_slot(value);
-    // Hides the bound from the compiler for the verifier's sake, as in `bucket_of`.
-    // SAFETY: a plain read of a local.
-    let slot = unsafe { core::ptr::read_volatile(&slot) };
     if hot.held != 0 && same_key(&hot.key, key) {
-        if let Some(count) = hot.value.slots.get_mut(slot) {
+        if let Some(count) = hot.value.slots.get_mut(slot_of(value)) {
             *count += 1;
         }
         hot.value.sum += value;
