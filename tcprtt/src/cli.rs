@@ -188,9 +188,10 @@ fn parse_top(s: &str) -> Result<usize, String> {
     }
 }
 
-/// Most keys a grouping may keep. A key takes about 900 bytes of kernel memory in each of
-/// the two grouped maps, so a million keys seen within one interval take 0.9 GiB, and
-/// 1.7 GiB while one map is drained as the other fills.
+/// Most keys a grouping may keep. A key takes about 220 bytes of kernel memory in each of
+/// the two grouped maps (about 900 with fine buckets, see `Options::keeps_detail`), so a
+/// million keys seen within one interval take 0.2 GiB (0.9 GiB), and twice that while one
+/// map is drained as the other fills.
 pub const MAX_KEYS: u32 = 1_000_000;
 
 fn parse_max_keys(s: &str) -> Result<u32, String> {

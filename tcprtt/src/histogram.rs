@@ -108,11 +108,6 @@ impl Histogram {
         Self::merge([&v])
     }
 
-    /// Counts per classic log2 slot (bcc's layout).
-    pub fn log2_slots(&self) -> [u64; LOG2_SLOTS] {
-        self.slots
-    }
-
     pub fn average(&self) -> f64 {
         if self.count == 0 {
             0.0
@@ -216,7 +211,7 @@ mod tests {
     #[test]
     fn log2_slots_sum_the_fine_buckets() {
         let h = Histogram::from_samples([0, 1, 2, 3, 8, 15, 16, 40_000, 65_535, 1 << 40]);
-        let slots = h.log2_slots();
+        let slots = h.slots;
         assert_eq!(slots[0], 2);
         assert_eq!(slots[1], 2);
         assert_eq!(slots[3], 2);

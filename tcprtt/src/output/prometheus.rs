@@ -145,7 +145,7 @@ fn buckets(hist: &Histogram, unit: Unit, fine: bool) -> Vec<(f64, u64)> {
             .map(|b| (bucket_high(b) as f64 / scale, counts[b]))
             .collect()
     } else {
-        hist.log2_slots()
+        hist.slots
             .iter()
             .enumerate()
             .map(|(k, n)| ((((1u64 << (k + 1)) - 1) as f64) / scale, *n))

@@ -78,7 +78,7 @@ fn label(key: &Key) -> String {
 /// The classic log2 table: slot 0 through the last non-empty slot, bars scaled to the
 /// largest count.
 fn log2_table(hist: &Histogram, unit: &str) -> String {
-    let slots = hist.log2_slots();
+    let slots = &hist.slots;
     let last = slots.iter().rposition(|n| *n > 0).unwrap_or(0);
     let peak = slots.iter().copied().max().unwrap_or(0).max(1);
     let mut out = format!("{:8}{:<17}: count    distribution\n", "", unit);

@@ -114,9 +114,13 @@ fn take_hot<V: Pod>(
 ) -> Result<()> {
     let shares = hot.get(&0, 0).context("reading the CPUs' hot keys")?;
     add_held(taken, shares.iter().filter_map(in_use));
-    let empties = vec![empty; shares.len()];
-    hot.set(0, PerCpuValues::try_from(empties)?, 0)
-        .context("emptying the CPUs' hot keys")
+    empty_per_cpu(hot, empty, shares.len()).context("emptying the CPUs' hot keys")
+}
+
+/// Writes `empty` into every CPU's copy of the one slot of `array`.
+fn empty_per_cpu<V: Pod>(array: &mut PerCpuArray<MapData, V>, empty: V, cpus: usize) -> Result<()> {
+    array.set(0, PerCpuValues::try_from(vec![empty; cpus])?, 0)?;
+    Ok(())
 }
 
 /// Reads every histogram of `map` and empties it.
@@ -153,8 +157,9 @@ pub struct DoubleBuffer {
 
 impl DoubleBuffer {
     /// Takes the maps named `{prefix}HIST0/1` and `{prefix}HOT0/1` (`{prefix}LOG2_HIST0/1`
-    /// and `{prefix}LOG2_HOT0/1` if `log2_only`, as the program's configuration says), `{prefix}ALL0/1` and `{prefix}ACTIVE`, and writes
-    /// the value new keys start from into `{prefix}NEW_HIST`.
+    /// and `{prefix}LOG2_HOT0/1` if `log2_only`, as the program's configuration says),
+    /// `{prefix}ALL0/1` and `{prefix}ACTIVE`, and writes the value new keys start from
+    /// into `{prefix}NEW_HIST`.
     pub fn new(ebpf: &mut Ebpf, prefix: &str, log2_only: bool) -> Result<Self> {
         let take = |name: &str| format!("{prefix}{name}");
         let mut new_hist: Array<MapData, HistValue> = take_map(ebpf, &take("NEW_HIST"))?;
@@ -255,8 +260,7 @@ impl DoubleBuffer {
         let hist = Histogram::merge(shares.iter());
         if hist.count > 0 {
             taken.push((HistKey::default(), hist));
-            let zeros = vec![HistValue::ZERO; shares.len()];
-            all.set(0, PerCpuValues::try_from(zeros)?, 0)
+            empty_per_cpu(all, HistValue::ZERO, shares.len())
                 .context("emptying the all-traffic histogram")?;
         }
         Ok(taken)

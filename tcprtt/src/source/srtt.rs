@@ -304,8 +304,9 @@ impl Srtt {
     pub fn load(opts: &Options, object: &[u8]) -> Result<Self> {
         let began = Instant::now();
         let path = btf_path(opts)?;
-        // The kernel's BTF is read and indexed once, and freed before aya's loader makes
-        // its own parse of it, so the two never hold memory at the same time.
+        // The kernel's BTF is read and indexed once, and freed before aya's loader runs
+        // (which, where `loader::new` cannot keep the file from it, parses it again), so
+        // the two never hold memory at the same time.
         let (offsets, target_ids) = {
             let data = btf::read_file(&path)?;
             let kernel = KernelBtf::parse(&data)
